@@ -205,6 +205,13 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return flat.div_(255.0).sub_(config.PIXEL_MEAN).div_(config.PIXEL_STD)
 
 
+def pixel_statistics(images: torch.Tensor) -> dict[str, float]:
+    """Mean and standard deviation of pixel values on the 0–1 scale, and the share of zero pixels."""
+    scaled = images.to(torch.float32).div_(255.0)
+    return {"mean": scaled.mean().item(), "std": scaled.std().item(),
+            "zero share": (images == 0).to(torch.float32).mean().item()}
+
+
 def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     """Indices of a class-stratified random `fraction` of `labels`, deterministic in `seed`.
 
