@@ -1,8 +1,8 @@
 """Strip volatile metadata from executed notebooks so that their diffs show only real changes.
 
 Keeps outputs and execution counts (nbval's reference: it treats a cell without an
-execution count as never run) renumbered 1..N in cell order; removes papermill's timings
-and per-cell execution metadata.  Usage: python tests/strip_notebooks.py notebooks/*.ipynb
+execution count as never run) renumbered 1..N in cell order; removes papermill's timings,
+its injected-parameters cell and per-cell execution metadata.  Usage: python tests/strip_notebooks.py notebooks/*.ipynb
 """
 
 import sys
@@ -12,6 +12,8 @@ import nbformat
 
 def strip(path: str) -> None:
     notebook = nbformat.read(path, as_version=4)
+    # papermill's injected-parameters cell belongs to one run, not to the notebook
+    notebook.cells = [cell for cell in notebook.cells if "injected-parameters" not in cell.metadata.get("tags", [])]
     notebook.metadata.pop("papermill", None)
     notebook.metadata.pop("widgets", None)
     notebook.metadata["language_info"] = {"name": "python"}

@@ -78,3 +78,84 @@ def class_mean_images(images: torch.Tensor, labels: torch.Tensor) -> Figure:
     """The mean image of each class."""
     means = torch.stack([images[labels == label].to(torch.float32).mean(0) for label in range(NUM_CLASSES)])
     return digit_grid(means, list(range(NUM_CLASSES)), columns=NUM_CLASSES)
+
+
+# ---------------------------------------------------------------- tuning
+
+
+def _succeeded(trials):
+    return trials[trials["status"] == "Succeeded"]
+
+
+def tuning_scatter(trials, x: str = "lr", y: str = "batch_size", objective: str = "loss") -> Figure:
+    """Each succeeded trial at (x, y), coloured by its objective; failed trials as crosses."""
+    figure = Figure(figsize=(6.5, 4), layout="constrained")
+    axis = figure.subplots()
+    done = _succeeded(trials)
+    points = axis.scatter(done[x], done[y], c=done[objective], cmap="viridis_r", s=60, edgecolors="black")
+    failed = trials[trials["status"] != "Succeeded"]
+    if len(failed):
+        axis.scatter(failed[x], failed[y], marker="x", color="crimson", label="failed / killed")
+        axis.legend(loc="upper right")
+    figure.colorbar(points, ax=axis, label=objective)
+    axis.set_xlabel(x)
+    axis.set_ylabel(y)
+    axis.set_title(f"{len(trials)} trials: {x} vs {y}")
+    return figure
+
+
+def best_so_far(trials, objective: str = "loss", minimize: bool = True) -> Figure:
+    """Each trial's objective in the order trials were created, and the best value so far."""
+    figure = Figure(figsize=(6.5, 3.5), layout="constrained")
+    axis = figure.subplots()
+    values = trials[objective].where(trials["status"] == "Succeeded")
+    best = values.cummin() if minimize else values.cummax()
+    numbers = np.arange(1, len(trials) + 1)
+    axis.plot(numbers, values, "o", label="trial")
+    axis.step(numbers, best, where="post", label="best so far")
+    axis.set_xlabel("trial number")
+    axis.set_ylabel(objective)
+    axis.set_xticks(numbers)
+    axis.legend()
+    return figure
+
+
+def trial_curves(trials, metric: str = "loss", label_columns: Sequence[str] = ("lr", "batch_size")) -> Figure:
+    """The per-epoch `metric` of every trial (from its stdout history)."""
+    figure = Figure(figsize=(7.5, 4), layout="constrained")
+    axis = figure.subplots()
+    for row in trials.itertuples():
+        values = [record[metric] for record in row.history if metric in record]
+        if values:
+            label = ", ".join(f"{c} {getattr(row, c):.3g}" for c in label_columns)
+            axis.plot(range(1, len(values) + 1), values, marker=".", label=label)
+    axis.set_xlabel("epoch")
+    axis.xaxis.get_major_locator().set_params(integer=True)
+    axis.set_ylabel(f"validation {metric}")
+    axis.legend(fontsize=7, ncols=2)
+    return figure
+
+
+def parallel_coordinates(trials, columns: Sequence[str] = ("lr", "batch_size", "accuracy", "loss"),
+                         objective: str = "loss") -> Figure:
+    """One line per succeeded trial across the (min–max scaled) columns, coloured by the objective."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    done = _succeeded(trials)
+    figure = Figure(figsize=(7.5, 4), layout="constrained")
+    axis = figure.subplots()
+    table = done[list(columns)].astype(float)
+    low, high = table.min(), table.max()
+    scaled = (table - low) / (high - low).replace(0, 1)
+    colours = colormaps["viridis_r"]
+    norm = Normalize(done[objective].min(), done[objective].max())
+    for (_, row), value in zip(scaled.iterrows(), done[objective]):
+        axis.plot(range(len(columns)), row.values, color=colours(norm(value)), alpha=0.85)
+    axis.set_xticks(range(len(columns)))
+    axis.set_xticklabels([f"{c}\n[{low[c]:.3g}, {high[c]:.3g}]" for c in columns])
+    axis.set_yticks([])
+    from matplotlib.cm import ScalarMappable
+
+    figure.colorbar(ScalarMappable(norm=norm, cmap=colours), ax=axis, label=objective)
+    return figure

@@ -50,6 +50,7 @@ JOB_FAILURE_CONDITION = 'status.conditions.#(type=="Failed")#|#(status=="True")#
 ALGORITHMS = ("random", "tpe", "multivariate-tpe", "grid", "cmaes", "sobol")
 ALGORITHM_SETTINGS = {"random_state", "n_startup_trials", "n_ei_candidates", "sigma"}
 BEST_HYPERPARAMETERS_PATH = config.OUTPUT_DIR / "best-hyperparameters.json"
+EXPERIMENT_MANIFEST = config.PROJECT_ROOT / "manifests" / "katib" / "experiment.yaml"
 
 
 class ExperimentError(ValueError):
@@ -487,7 +488,7 @@ class LocalExecutor:
                 )
             return
         self.state = {"name": self.spec.name, "fingerprint": fingerprint, "status": "Running", "reason": "ExperimentCreated",
-                      "created_at": _now(), "trials": []}
+                      "created_at": _now(), "start_time": time.time(), "trials": []}
         if self.state_dir.exists() and rerun:
             for log_file in self.state_dir.glob("trials/*/stdout.log"):
                 log_file.unlink()
@@ -583,7 +584,7 @@ class LocalExecutor:
     def _start(self, trial: dict) -> subprocess.Popen:
         trial_dir = self.state_dir / "trials" / trial["name"]
         trial_dir.mkdir(parents=True, exist_ok=True)
-        trial.update(status="Running", started_at=_now(), started=time.time(), command=self._command(trial))
+        trial.update(status="Running", started_at=_now(), start_time=time.time(), command=self._command(trial))
         with open(trial_dir / "stdout.log", "wb") as log_file:
             process = subprocess.Popen(trial["command"], stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=self._environment(), cwd=trial_dir, preexec_fn=_set_parent_death_signal)
@@ -593,8 +594,9 @@ class LocalExecutor:
     def _finish(self, trial: dict, exit_code: int) -> None:
         lines = (self.state_dir / "trials" / trial["name"] / "stdout.log").read_text(errors="replace").splitlines()
         history, observation = collect_metrics(lines, self.spec.metric_names, self.spec.metrics_filters)
+        end_time = time.time()
         trial.update(exit_code=exit_code, history=history, observation=observation, finished_at=_now(),
-                     seconds=round(time.time() - trial.pop("started"), 3))
+                     end_time=end_time, seconds=round(end_time - trial["start_time"], 3))
         trial.pop("pid", None)
         trial["metrics"] = {name: _metric_value(observation, name, strategy)
                             for name, strategy in self.spec.metric_strategies.items()}
@@ -648,7 +650,6 @@ class LocalExecutor:
         interrupted = [trial for trial in trials if trial["status"] in ("Running", "Pending")]
         for trial in interrupted:  # killed mid-run: run again with the same assignments
             trial.update(status="Pending", restarts=trial.get("restarts", 0) + 1)
-            trial.pop("started", None)
             trial.pop("pid", None)
         study = self._study(offset=len(trials))
         for trial in trials:  # what is known so far informs the sampler
@@ -689,10 +690,10 @@ class LocalExecutor:
                         process.kill()
                         process.wait()
                         trial = next(t for t in trials if t["name"] == name)
-                        trial.update(status="Killed", reason=f"experiment completed ({verdict[1]})", finished_at=_now())
-                        trial.pop("started", None)
+                        trial.update(status="Killed", reason=f"experiment completed ({verdict[1]})", finished_at=_now(),
+                                     end_time=time.time())
                         trial.pop("pid", None)
-                    self.state.update(status=verdict[0], reason=verdict[1], completed_at=_now())
+                    self.state.update(status=verdict[0], reason=verdict[1], completed_at=_now(), end_time=time.time())
                     self._save()
                     break
                 # start trials while a slot is free
@@ -823,13 +824,13 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def run_experiment(manifest_path: str | Path = config.PROJECT_ROOT / "manifests" / "katib" / "experiment.yaml",
+def run_experiment(manifest_path: str | Path | None = None,
                    backend: str = "auto", namespace: str | None = None, max_trials: int | None = None,
                    parallel_trials: int | None = None, epochs: int | None = None, name: str | None = None,
                    rerun: bool = False, state_dir: str | Path | None = None, progress: bool | None = None,
                    log: Callable[[str], None] = print) -> ExperimentResult:
-    """Validate the manifest (with overrides), then run it on the chosen backend."""
-    manifest = apply_overrides(load_manifest(manifest_path), max_trials, parallel_trials, epochs, name)
+    """Validate the manifest (default: the project's) with overrides, then run it on the chosen backend."""
+    manifest = apply_overrides(load_manifest(manifest_path or EXPERIMENT_MANIFEST), max_trials, parallel_trials, epochs, name)
     spec = validate_manifest(manifest)
     if resolve_backend(backend) == "kubeflow":
         return run_on_cluster(spec, namespace, log=log)
@@ -839,7 +840,7 @@ def run_experiment(manifest_path: str | Path = config.PROJECT_ROOT / "manifests"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mnist_kf.tune", description="Run a Katib Experiment manifest.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--manifest", default=str(config.PROJECT_ROOT / "manifests" / "katib" / "experiment.yaml"))
+    parser.add_argument("--manifest", default=str(EXPERIMENT_MANIFEST))
     parser.add_argument("--backend", default="auto", choices=["auto", "local", "kubeflow"],
                         help="auto: kubeflow inside a cluster, else local")
     parser.add_argument("--namespace", default=None, help="cluster namespace (default: the service account's)")
