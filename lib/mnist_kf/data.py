@@ -26,6 +26,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -230,19 +231,58 @@ def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch
 
 @dataclass
 class MnistSplits:
-    """Normalised tensors for training: the subset split in train/validation, and the test set."""
+    """The subset split in train/validation, and the test set: uint8 images, int64 labels.
 
-    train_x: torch.Tensor
+    `train_x`, `validation_x` and `test_x` are the standardised float32 [N, 784] tensors the
+    trainer uses, computed once on first use.
+    """
+
+    train_images: torch.Tensor
     train_y: torch.Tensor
-    validation_x: torch.Tensor
+    validation_images: torch.Tensor
     validation_y: torch.Tensor
-    test_x: torch.Tensor
+    test_images: torch.Tensor
     test_y: torch.Tensor
     raw_md5: dict[str, str]
     source: str
 
+    @cached_property
+    def train_x(self) -> torch.Tensor:
+        return normalize(self.train_images)
+
+    @cached_property
+    def validation_x(self) -> torch.Tensor:
+        return normalize(self.validation_images)
+
+    @cached_property
+    def test_x(self) -> torch.Tensor:
+        return normalize(self.test_images)
+
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train_y), "validation": len(self.validation_y), "test": len(self.test_y)}
+
+
+SPLIT_TENSORS = ("train_images", "train_y", "validation_images", "validation_y", "test_images", "test_y")
+
+
+def save_splits(splits: MnistSplits, path: str | Path) -> None:
+    """Write the splits (uint8 images, labels, MD5s) to one file, atomically: a pipeline Dataset."""
+    payload = {name: getattr(splits, name) for name in SPLIT_TENSORS}
+    payload["raw_md5"] = dict(splits.raw_md5)
+    payload["source"] = splits.source
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with atomic_write(path) as handle:
+        handle.write(buffer.getvalue())
+
+
+def load_splits(path: str | Path) -> MnistSplits:
+    """Read splits written by `save_splits` (torch.load with weights_only=True)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [name for name in (*SPLIT_TENSORS, "raw_md5", "source") if name not in payload]
+    if missing:
+        raise DataIntegrityError(f"{path} is not a saved MnistSplits file: missing {', '.join(missing)}")
+    return MnistSplits(**{name: payload[name] for name in (*SPLIT_TENSORS, "raw_md5", "source")})
 
 
 def prepare_splits(
@@ -267,11 +307,11 @@ def prepare_splits(
     train_index = subset[~is_validation[subset]]
 
     return MnistSplits(
-        train_x=normalize(images[train_index]),
+        train_images=images[train_index],
         train_y=labels[train_index],
-        validation_x=normalize(images[held_out]),
+        validation_images=images[held_out],
         validation_y=labels[held_out],
-        test_x=normalize(test_images),
+        test_images=test_images,
         test_y=test_labels,
         raw_md5=raw_md5,
         source=source,

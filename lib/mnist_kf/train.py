@@ -184,6 +184,15 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tu
     return total_loss / len(labels), correct / len(labels)
 
 
+@torch.inference_mode()
+def confusion_matrix(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[10, 10] counts: row = true digit, column = predicted digit."""
+    model.eval()
+    predictions = torch.cat([model(inputs[start : start + EVALUATION_CHUNK]).argmax(dim=1)
+                             for start in range(0, len(labels), EVALUATION_CHUNK)])
+    return torch.bincount(labels * NUM_CLASSES + predictions, minlength=NUM_CLASSES * NUM_CLASSES).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
 def format_metrics(**metrics: float) -> str:
     """`name=value` pairs that Katib's default StdOut filter parses, e.g. `epoch=3 loss=0.1012`."""
     return " ".join(f"{name}={value}" if isinstance(value, int) else f"{name}={value:.4f}"
@@ -264,6 +273,28 @@ def train(
         write_artifacts(model, result.metadata, Path(output_dir))
         log(f"wrote {Path(output_dir) / 'model.pt'} and metadata.json")
     return result
+
+
+def train_saved_splits(splits_path: str | Path, output_dir: str | Path, **hyperparameters) -> dict:
+    """Train on splits saved by `data.save_splits` (a pipeline Dataset); returns the metadata."""
+    from mnist_kf.data import load_splits
+
+    splits = load_splits(splits_path)
+    used = len(splits.train_y) + len(splits.validation_y)
+    train_config = TrainConfig(fraction=min(1.0, used / 60000), **hyperparameters)
+    return train(train_config, output_dir, splits=splits, progress=False).metadata
+
+
+def evaluate_saved_model(splits_path: str | Path, model_dir: str | Path) -> dict:
+    """Test loss, accuracy and confusion matrix (rows: true digit) of model.pt in `model_dir`."""
+    from mnist_kf.data import load_splits
+    from mnist_kf.model import load_weights
+
+    splits = load_splits(splits_path)
+    model = load_weights(Path(model_dir) / "model.pt")
+    test_loss, test_accuracy = evaluate(model, splits.test_x, splits.test_y)
+    return {"test_loss": test_loss, "test_accuracy": test_accuracy,
+            "confusion_matrix": confusion_matrix(model, splits.test_x, splits.test_y).tolist()}
 
 
 def write_artifacts(model: nn.Module, metadata: dict, output_dir: Path) -> None:

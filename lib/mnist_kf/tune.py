@@ -824,17 +824,29 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def run_experiment(manifest_path: str | Path | None = None,
+def run_experiment(manifest: str | Path | dict | None = None,
                    backend: str = "auto", namespace: str | None = None, max_trials: int | None = None,
                    parallel_trials: int | None = None, epochs: int | None = None, name: str | None = None,
                    rerun: bool = False, state_dir: str | Path | None = None, progress: bool | None = None,
                    log: Callable[[str], None] = print) -> ExperimentResult:
-    """Validate the manifest (default: the project's) with overrides, then run it on the chosen backend."""
-    manifest = apply_overrides(load_manifest(manifest_path or EXPERIMENT_MANIFEST), max_trials, parallel_trials, epochs, name)
+    """Validate the manifest (a path or a dict; default: the project's) with overrides, then run it."""
+    loaded = manifest if isinstance(manifest, dict) else load_manifest(manifest or EXPERIMENT_MANIFEST)
+    manifest = apply_overrides(loaded, max_trials, parallel_trials, epochs, name)
     spec = validate_manifest(manifest)
     if resolve_backend(backend) == "kubeflow":
         return run_on_cluster(spec, namespace, log=log)
     return LocalExecutor(spec, state_dir, log=log).run(rerun=rerun, progress=progress)
+
+
+def given_or_tuned_hyperparameters(tune: bool, lr: float, batch_size: int, manifest_yaml: str,
+                                   max_trials: int | None = None, epochs: int | None = None) -> dict:
+    """{"lr", "batch_size"}: the given ones, or (tune=True) the best trial of the manifest's experiment."""
+    if not tune:
+        return {"lr": float(lr), "batch_size": int(batch_size)}
+    result = run_experiment(yaml.safe_load(manifest_yaml), backend="auto", max_trials=max_trials, epochs=epochs,
+                            progress=False)
+    best = result.best_hyperparameters()
+    return {"lr": float(best["lr"]), "batch_size": int(best["batch_size"])}
 
 
 def main(argv: list[str] | None = None) -> int:
