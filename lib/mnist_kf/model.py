@@ -53,3 +53,23 @@ def load_weights(path: str | Path) -> nn.Sequential:
         raise ModelFormatError(f"{path} holds {found or type(state_dict).__name__}, expected a state_dict {expected}")
     model.load_state_dict(state_dict)
     return model.eval()
+
+
+@torch.inference_mode()
+def predict_probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities [N, 10] for uint8 images (0–255) or float images already on the 0–1
+    scale, shaped [N, 28, 28] or [N, 784]: standardised exactly as in training, one forward pass."""
+    from mnist_kf.data import normalize
+
+    if images.dtype == torch.uint8:
+        inputs = normalize(images)
+    else:  # 0–1 floats: the same standardisation as normalize() applies after its /255
+        from mnist_kf.config import PIXEL_MEAN, PIXEL_STD
+
+        inputs = (images.reshape(images.shape[0], -1).to(torch.float32) - PIXEL_MEAN) / PIXEL_STD
+    return torch.softmax(model(inputs), dim=1)
+
+
+def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Predicted digits [N] (int64) for a batch of images (see `predict_probabilities`)."""
+    return predict_probabilities(model, images).argmax(dim=1)

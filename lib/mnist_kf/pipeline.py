@@ -228,7 +228,7 @@ def run_local(arguments: dict | None = None, pipeline_root: str | Path = LOCAL_P
         outcome=json.loads(task.outputs["outcome"]),
         model_dir=Path(task.outputs["model"].path),
         evaluation=dict(task.outputs["evaluation"].metadata),
-        confusion_matrix=[row["row"] for row in confusion["rows"]],
+        confusion_matrix=[[int(count) for count in row["row"]] for row in confusion["rows"]],
         seconds=seconds,
     )
 
@@ -238,6 +238,9 @@ def run_on_cluster(arguments: dict | None = None, host: str | None = None, exper
     """Submit the compiled pipeline with kfp.Client; print and return the run's URL."""
     import kfp
 
+    store = (arguments or {}).get("model_store_uri", CLUSTER_MODEL_STORE)
+    if not str(store).startswith("gs://"):
+        raise ValueError(f"on a cluster the model store must be gs://bucket/prefix (pods cannot see {store!r})")
     host = host or os.environ.get("KF_PIPELINES_ENDPOINT")
     client = kfp.Client(host=host, namespace=namespace)
     run = client.create_run_from_pipeline_package(str(COMPILED_PIPELINE), arguments=arguments or {},

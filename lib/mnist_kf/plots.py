@@ -159,3 +159,78 @@ def parallel_coordinates(trials, columns: Sequence[str] = ("lr", "batch_size", "
 
     figure.colorbar(ScalarMappable(norm=norm, cmap=colours), ax=axis, label=objective)
     return figure
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+def confusion_heatmap(matrix: Sequence[Sequence[int]]) -> Figure:
+    """The confusion matrix (rows: true digit, columns: predicted), counts in the cells."""
+    counts = np.asarray(matrix)
+    figure = Figure(figsize=(6, 5.2), layout="constrained")
+    axis = figure.subplots()
+    image = axis.imshow(np.log1p(counts), cmap="Blues")
+    for (row, column), value in np.ndenumerate(counts):
+        axis.text(column, row, str(value), ha="center", va="center", fontsize=7,
+                  color="white" if row == column else "black")
+    axis.set_xticks(range(NUM_CLASSES))
+    axis.set_yticks(range(NUM_CLASSES))
+    axis.set_xlabel("predicted digit")
+    axis.set_ylabel("true digit")
+    axis.set_title(f"accuracy {np.trace(counts) / counts.sum():.2%} on {counts.sum():,} test images")
+    figure.colorbar(image, ax=axis, label="log(1 + count)")
+    return figure
+
+
+def _dag_edges(spec: dict) -> tuple[list[str], list[tuple[str, str]], dict[str, str]]:
+    """Tasks, dependency edges and each task's condition branch from compiled KFP IR."""
+    tasks, edges, groups = [], [], {}
+
+    def visit(dag: dict, group: str, group_dependencies: list[str]) -> None:
+        for name, task in dag.get("tasks", {}).items():
+            component = spec["components"].get(task["componentRef"]["name"], {})
+            dependencies = task.get("dependentTasks") or group_dependencies  # a branch's first task follows the gate
+            if "dag" in component:  # a condition group: name its tasks after the branch
+                branch = task.get("taskInfo", {}).get("name", name)
+                visit(component["dag"], group if name.startswith("condition-branches") else branch, dependencies)
+                continue
+            tasks.append(name)
+            groups[name] = group
+            edges.extend((dependency, name) for dependency in dependencies)
+
+    visit(spec["root"]["dag"], "", [])
+    return tasks, [(a, b) for a, b in edges if a in groups and b in groups], groups
+
+
+def pipeline_dag(compiled_pipeline: str | Path) -> Figure:
+    """The compiled pipeline's task graph, left to right, condition branches labelled."""
+    import yaml
+    from pathlib import Path
+
+    spec = yaml.safe_load(Path(compiled_pipeline).read_text())
+    tasks, edges, groups = _dag_edges(spec)
+    depth = {task: 0 for task in tasks}
+    for _ in tasks:  # longest-path layering (the graph is small)
+        for source, target in edges:
+            depth[target] = max(depth[target], depth[source] + 1)
+    columns: dict[int, list[str]] = {}
+    for task in tasks:
+        columns.setdefault(depth[task], []).append(task)
+    position = {task: (level, -index + (len(members) - 1) / 2)
+                for level, members in columns.items() for index, task in enumerate(members)}
+    figure = Figure(figsize=(2.1 * (max(columns) + 1), 3.2), layout="constrained")
+    axis = figure.subplots()
+    for source, target in edges:
+        (x0, y0), (x1, y1) = position[source], position[target]
+        axis.annotate("", xy=(x1 - 0.38, y1), xytext=(x0 + 0.38, y0),
+                      arrowprops={"arrowstyle": "->", "color": "gray"})
+    for task, (x, y) in position.items():
+        colour = {"": "#dbe9f6", "accuracy-gate-passed": "#d8f0d2", "accuracy-gate-failed": "#f8d7d3"}.get(groups[task], "#eeeeee")
+        axis.text(x, y, task, ha="center", va="center", fontsize=8,
+                  bbox={"boxstyle": "round", "facecolor": colour, "edgecolor": "gray"})
+        if groups[task]:
+            axis.text(x, y - 0.3, groups[task], ha="center", va="center", fontsize=6.5, color="dimgray")
+    axis.set_xlim(-0.6, max(columns) + 0.6)
+    axis.set_ylim(min(y for _, y in position.values()) - 0.6, max(y for _, y in position.values()) + 0.6)
+    axis.set_axis_off()
+    return figure
