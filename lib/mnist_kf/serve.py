@@ -1,20 +1,39 @@
-"""Serving: the InferenceService manifest and its deployment.
+"""Serving: the KServe predictor, its entrypoint, the InferenceService and its deployment.
 
+- `MnistClassifier`: a `kserve.Model` answering the v1 protocol
+  (`POST /v1/models/<name>:predict` with `{"instances": [...]}`) and the v2 Open Inference
+  Protocol (`POST /v2/models/<name>/infer`), one forward pass per request;
+- `python -m mnist_kf.serve --model_name mnist-classifier --storage_uri … --http_port 8080`:
+  the predictor image's entrypoint (KServe's usual flags);
 - `render_inference_service` fills `manifests/kserve/inference-service.yaml` with a model
-  version's storage URI;
-- `deploy` creates or patches it on a cluster with kserve's `KServeClient` and waits until
-  it is Ready, or, locally, records the version as the one `04_serve` starts.
+  version's storage URI; `deploy` creates or patches it on a cluster with `KServeClient`, or,
+  locally, records the version as the one `04_serve` starts.
+
+Pixels: each image is 784 numbers (or 28 × 28) on the raw MNIST scale 0–255, like
+`manifests/kserve/mnist-input.json`, or on the 0–1 scale (an image whose largest value is
+≤ 1 is read as 0–1); both are standardised exactly as in training.
 """
 
 from __future__ import annotations
 
+import argparse
+import base64
+import binascii
 import copy
+import io
 import json
+import logging
 import os
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
 import yaml
+from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
+from kserve.errors import InvalidInput
 
 from mnist_kf import config
 from mnist_kf.storage import atomic_write
@@ -23,8 +42,232 @@ INFERENCE_SERVICE_MANIFEST = config.PROJECT_ROOT / "manifests" / "kserve" / "inf
 DEPLOYMENTS_DIR = config.OUTPUT_DIR / "deployments"
 
 
+MAX_INSTANCES = 1000  # per request: bounds memory and latency; larger batches → split them
+IMAGE_SIDE = 28
+INPUT_NAME = "images"
+
+
 class DeploymentError(RuntimeError):
     """An InferenceService could not be rendered or did not become Ready."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model files are missing, corrupt or do not match their sha256."""
+
+
+# ---------------------------------------------------------------- the predictor
+
+
+def _invalid(message: str) -> InvalidInput:
+    return InvalidInput(message)
+
+
+def images_from_array(array: np.ndarray, where: str) -> np.ndarray:
+    """Validate a numeric array of images, [N, 784] or [N, 28, 28] (or [N, 1, 28, 28]), and
+    return float32 [N, 784] on the 0–1 scale. Raises InvalidInput saying what is wrong."""
+    if array.dtype.kind not in "iuf":
+        raise _invalid(f"{where} must contain only numbers (pixel values), got {array.dtype.name} values")
+    count = array.shape[0] if array.ndim else 0
+    if array.ndim == 4 and array.shape[1:] == (1, IMAGE_SIDE, IMAGE_SIDE):
+        array = array.reshape(count, -1)
+    elif array.ndim == 3 and array.shape[1:] == (IMAGE_SIDE, IMAGE_SIDE):
+        array = array.reshape(count, -1)
+    elif not (array.ndim == 2 and array.shape[1] == IMAGE_SIDE * IMAGE_SIDE):
+        raise _invalid(f"{where} has shape {list(array.shape)}; expected [N, 784], [N, 28, 28] or [N, 1, 28, 28] "
+                       "(each image 784 pixel values, or 28 rows of 28)")
+    pixels = array.astype(np.float32, copy=False)
+    if not np.isfinite(pixels).all():
+        raise _invalid(f"{where} contains NaN or infinite values; pixels must be finite numbers in 0–255 (or 0–1)")
+    low, high = pixels.min(axis=1), pixels.max(axis=1)
+    if (low < 0).any() or (high > 255).any():
+        bad = int(np.argmax((low < 0) | (high > 255)))
+        raise _invalid(f"{where}: image {bad} has pixel values in [{low[bad]:g}, {high[bad]:g}]; "
+                       "expected 0–255 (raw MNIST) or 0–1")
+    scale = np.where(high <= 1.0, 1.0, 1.0 / 255.0).astype(np.float32)  # 0–1 images stay, 0–255 images shrink
+    return pixels * scale[:, None]
+
+
+def image_from_base64(encoded: Any, index: int) -> np.ndarray:
+    """A base64 PNG/JPEG (28 × 28, grayscale or colour) as 784 pixel values 0–255."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(encoded, str):
+        raise _invalid(f"instance {index}: b64 must be a base64 string of a PNG or JPEG image")
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(encoded, validate=True)))
+        image.load()
+    except (binascii.Error, ValueError):
+        raise _invalid(f"instance {index}: b64 is not valid base64") from None
+    except (UnidentifiedImageError, OSError):
+        raise _invalid(f"instance {index}: b64 does not decode to a PNG or JPEG image") from None
+    if image.size != (IMAGE_SIDE, IMAGE_SIDE):
+        raise _invalid(f"instance {index}: the image is {image.size[0]}×{image.size[1]}; expected 28×28 pixels")
+    return np.asarray(image.convert("L"), dtype=np.float32).reshape(-1)
+
+
+def images_from_instances(instances: Any, max_instances: int = MAX_INSTANCES) -> np.ndarray:
+    """v1 `instances` → float32 [N, 784] on the 0–1 scale, or InvalidInput."""
+    if not isinstance(instances, list):
+        raise _invalid('expected {"instances": [...]} with a list of images')
+    if not instances:
+        raise _invalid("instances is empty; send at least one image")
+    if len(instances) > max_instances:
+        raise _invalid(f"{len(instances)} instances in one request; the limit is {max_instances} (split the batch)")
+    if any(isinstance(instance, dict) for instance in instances):  # base64 images (not the hot path)
+        rows = []
+        for index, instance in enumerate(instances):
+            if isinstance(instance, dict):
+                if set(instance) != {"b64"}:
+                    raise _invalid(f'instance {index}: an object must be {{"b64": "<base64 PNG/JPEG>"}}')
+                rows.append(image_from_base64(instance["b64"], index))
+            else:
+                rows.append(images_from_array(_numeric_array([instance], f"instance {index}"), f"instance {index}")[0] * 255)
+        return images_from_array(np.stack(rows), "instances")
+    return images_from_array(_numeric_array(instances, "instances"), "instances")
+
+
+def _numeric_array(values: list, where: str) -> np.ndarray:
+    try:
+        array = np.asarray(values)
+    except ValueError:  # ragged nesting
+        raise _invalid(f"{where} are not all the same shape; each image must be 784 numbers or 28 rows of 28") from None
+    if array.dtype == object:
+        raise _invalid(f"{where} are not all the same shape; each image must be 784 numbers or 28 rows of 28")
+    if array.dtype.kind == "b":
+        raise _invalid(f"{where} must contain only numbers (pixel values), got booleans")
+    return array
+
+
+V2_DATATYPES = {"FP32": np.float32, "UINT8": np.uint8}
+
+
+def images_from_infer_request(request: InferRequest, max_instances: int = MAX_INSTANCES) -> np.ndarray:
+    """v2 request → float32 [N, 784] on the 0–1 scale, or InvalidInput."""
+    if len(request.inputs) != 1:
+        raise _invalid(f"expected exactly one input tensor ({INPUT_NAME!r}), got {len(request.inputs)}")
+    tensor = request.inputs[0]
+    if tensor.datatype not in V2_DATATYPES:
+        raise _invalid(f"input {tensor.name!r} has datatype {tensor.datatype}; expected FP32 or UINT8")
+    shape = [int(size) for size in tensor.shape]
+    if len(shape) not in (2, 3, 4) or shape[0] < 1:
+        raise _invalid(f"input {tensor.name!r} has shape {shape}; expected [N, 784], [N, 28, 28] or [N, 1, 28, 28]")
+    if shape[0] > max_instances:
+        raise _invalid(f"{shape[0]} images in one request; the limit is {max_instances} (split the batch)")
+    expected = int(np.prod(shape))
+    data = tensor.data if tensor._raw_data is None else None
+    if data is not None:
+        flat = np.asarray(data)
+        if flat.dtype.kind not in "iuf" or flat.dtype.kind == "b":
+            raise _invalid(f"input {tensor.name!r} data must be numbers, got {flat.dtype.name} values")
+        if flat.size != expected:
+            raise _invalid(f"input {tensor.name!r} has {flat.size} values but shape {shape} needs {expected}")
+        if tensor.datatype == "UINT8" and (flat.dtype.kind == "f" or (flat.size and (flat.min() < 0 or flat.max() > 255))):
+            raise _invalid(f"input {tensor.name!r} is UINT8 but holds values outside the integers 0–255")
+        array = flat.reshape(shape)
+    else:
+        try:
+            array = tensor.as_numpy()
+        except ValueError as error:
+            raise _invalid(f"input {tensor.name!r}: binary data does not match shape {shape} ({error})") from None
+    return images_from_array(np.asarray(array, dtype=V2_DATATYPES[tensor.datatype]), f"input {tensor.name!r}")
+
+
+class MnistClassifier(Model):
+    """The 784 → 128 → 10 MLP behind KServe's v1 and v2 protocols."""
+
+    def __init__(self, name: str, storage_uri: str, max_instances: int = MAX_INSTANCES):
+        super().__init__(name)
+        self.storage_uri = storage_uri
+        self.max_instances = max_instances
+        self.network: torch.nn.Module | None = None
+        self.model_metadata: dict = {}
+
+    def load(self) -> bool:
+        """Fetch the version with KServe's storage code, check the sha256, load weights_only, warm up."""
+        from kserve_storage import Storage
+
+        from mnist_kf.model import load_weights
+        from mnist_kf.storage import file_digest
+
+        model_dir = Path(Storage.download(self.storage_uri))
+        model_path, metadata_path = model_dir / "model.pt", model_dir / "metadata.json"
+        for path in (model_path, metadata_path):
+            if not path.is_file():
+                raise ModelLoadError(f"{path.name} is missing from {self.storage_uri}: a model version holds "
+                                     "model.pt and metadata.json")
+        self.model_metadata = json.loads(metadata_path.read_text())
+        digest = file_digest(model_path)
+        if digest != self.model_metadata.get("model_sha256"):
+            raise ModelLoadError(f"refusing to serve {self.storage_uri}: model.pt has sha256 {digest} but "
+                                 f"metadata.json expects {self.model_metadata.get('model_sha256')}")
+        self.network = load_weights(model_path)
+        self._forward(np.zeros((64, IMAGE_SIDE * IMAGE_SIDE), dtype=np.float32))  # warm up kernels and allocator
+        self.ready = True
+        return self.ready
+
+    @torch.inference_mode()
+    def _forward(self, pixels: np.ndarray) -> torch.Tensor:
+        """Probabilities [N, 10] for 0–1 pixels [N, 784]: one standardisation, one forward pass."""
+        from mnist_kf.config import PIXEL_MEAN, PIXEL_STD
+
+        inputs = torch.from_numpy(pixels).sub_(PIXEL_MEAN).div_(PIXEL_STD)
+        return torch.softmax(self.network(inputs), dim=1)
+
+    def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None) -> dict | InferResponse:
+        if isinstance(payload, InferRequest):
+            probabilities = self._forward(images_from_infer_request(payload, self.max_instances))
+            labels = probabilities.argmax(dim=1)
+            outputs = [InferOutput("predictions", [len(labels)], "INT64", labels.tolist()),
+                       InferOutput("probabilities", list(probabilities.shape), "FP32", probabilities.flatten().tolist())]
+            return InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=outputs)
+        if isinstance(payload, (bytes, str)):  # a non-JSON Content-Type (curl -d's default): KServe passes it raw
+            try:
+                payload = json.loads(payload)
+            except ValueError as error:
+                raise _invalid(f'the request body is not valid JSON ({error}); expected {{"instances": [...]}}') from None
+        if not isinstance(payload, dict) or "instances" not in payload:
+            raise _invalid('expected a JSON object {"instances": [...]} (v1 protocol)')
+        probabilities = self._forward(images_from_instances(payload["instances"], self.max_instances))
+        response = {"predictions": probabilities.argmax(dim=1).tolist()}
+        parameters = payload.get("parameters") or {}
+        if isinstance(parameters, dict) and parameters.get("probabilities") is True:
+            response["probabilities"] = probabilities.tolist()
+        return response
+
+    def get_input_types(self) -> list[dict]:
+        # UINT8 and the shapes [-1, 28, 28] / [-1, 1, 28, 28] are accepted too (README)
+        return [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, IMAGE_SIDE * IMAGE_SIDE]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": "predictions", "datatype": "INT64", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """KServe's model-server flags plus --storage_uri and --max_instances."""
+    from kserve import model_server
+
+    parser = argparse.ArgumentParser(parents=[model_server.parser], prog="python -m mnist_kf.serve",
+                                     description="Serve the MNIST classifier with KServe (v1 and v2 protocols).")
+    parser.add_argument("--storage_uri", required=True,
+                        help="a model version: local folder or gs://…/mnist-model/vN (model.pt + metadata.json)")
+    parser.add_argument("--max_instances", type=int, default=MAX_INSTANCES, help="most images per request")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = build_parser().parse_known_args(argv)
+    torch.set_num_threads(1)  # one request is one small forward pass: a thread pool only adds hand-offs
+    model = MnistClassifier(args.model_name, args.storage_uri, args.max_instances)
+    try:
+        model.load()
+    except Exception as error:  # kserve-storage raises bare Exceptions for unreachable URIs
+        logging.getLogger("mnist_kf.serve").debug("load failed", exc_info=True)
+        print(f"error: cannot serve {args.storage_uri}: {error}", file=sys.stderr)
+        return 1
+    ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
+                enable_grpc=args.enable_grpc, enable_latency_logging=args.enable_latency_logging).start([model])
+    return 0
 
 
 def render_inference_service(template: str | dict, storage_uri: str, name: str | None = None,
@@ -120,3 +363,7 @@ def deploy(template: str | dict, storage_uri: str, name: str | None = None, name
 
 def load_template(path: str | os.PathLike = INFERENCE_SERVICE_MANIFEST) -> str:
     return Path(path).read_text()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
