@@ -22,18 +22,11 @@ import time
 from pathlib import Path
 
 from mnist_kf import config
+from mnist_kf.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_INPUT = ROOT / "manifests" / "kserve" / "mnist-input.json"
 NAME = "mnist-classifier"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mnist_kf import config, data
+from mnist_kf.processes import free_port, wait_for_port
 
 
 @pytest.fixture(scope="session")
@@ -22,30 +23,6 @@ def mnist_train(raw_md5):
 def small_splits(raw_md5) -> data.MnistSplits:
     """A 5% subset: enough to train for real in a second or two."""
     return data.prepare_splits(fraction=0.05, seed=0)
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30.0, process=None) -> None:
-    import socket
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
 GCS_TEST_BUCKET = "mnist-kf-test"

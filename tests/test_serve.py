@@ -7,8 +7,6 @@ import base64
 import io
 import json
 import shutil
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 
@@ -19,8 +17,7 @@ from PIL import Image
 
 from mnist_kf import config, data
 from mnist_kf.model import load_weights, predict
-from mnist_kf.serve import MAX_INSTANCES
-from tests.conftest import free_port, wait_for_port
+from mnist_kf.serve import MAX_INSTANCES, LocalModelServer, ModelLoadError
 
 NAME = "mnist-classifier"
 SEED_INPUT = config.PROJECT_ROOT / "manifests" / "kserve" / "mnist-input.json"
@@ -48,28 +45,12 @@ def model_version(tmp_path_factory, raw_md5):
     return output
 
 
-def start_server(storage_uri: str, port: int, log_path, extra_env: dict | None = None) -> subprocess.Popen:
-    """The real entrypoint; its log goes to a file (a pipe nobody reads would fill and block the server)."""
-    import os
-
-    command = [sys.executable, "-m", "mnist_kf.serve", f"--model_name={NAME}", f"--storage_uri={storage_uri}",
-               f"--http_port={port}", "--enable_grpc=false"]
-    with open(log_path, "w") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(extra_env or {})})
-
-
 @pytest.fixture(scope="module")
 def server(model_version, tmp_path_factory):
-    port = free_port()
-    process = start_server(str(model_version), port, tmp_path_factory.mktemp("server") / "server.log")
-    try:
-        wait_for_port(port, timeout=120, process=process)
-        url = f"http://127.0.0.1:{port}"
-        assert http("GET", f"{url}/v1/models/{NAME}")[1]["ready"] is True
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    """The real entrypoint, `python -m mnist_kf.serve`, on a free loopback port."""
+    with LocalModelServer(str(model_version), NAME, tmp_path_factory.mktemp("server") / "server.log") as running:
+        assert http("GET", f"{running.url}/v1/models/{NAME}")[1]["ready"] is True
+        yield running.url
 
 
 def healthy(url: str) -> bool:
@@ -114,6 +95,15 @@ def test_v2_infer_returns_labels_and_probabilities(server, datatype, shape):
     assert outputs["predictions"]["data"] == labels[:3].tolist()  # 7, 2, 1
     assert outputs["probabilities"]["shape"] == [3, 10]
     assert body["id"] == "r1" and body["model_name"] == NAME
+
+
+def test_v2_request_without_an_id_gets_a_generated_one(server):
+    images, _ = data.load_mnist(train=False)
+    request = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 28, 28],
+                           "data": images[0].reshape(-1).tolist()}]}
+    status, body = http("POST", f"{server}/v2/models/{NAME}/infer", request)
+    assert status == 200, body
+    assert body["outputs"][0]["data"] == [7] and len(body["id"]) == 36
 
 
 def test_v2_metadata_describes_inputs_and_outputs(server):
@@ -245,18 +235,18 @@ def test_a_model_failing_its_checksum_is_refused_with_a_clear_error(model_versio
     shutil.copytree(model_version, tampered)
     with open(tampered / "model.pt", "ab") as handle:
         handle.write(b"\0")
-    process = start_server(str(tampered), free_port(), tmp_path / "server.log")
-    process.wait(timeout=120)
+    server = LocalModelServer(str(tampered), NAME, tmp_path / "server.log")
+    with pytest.raises(ModelLoadError, match="exited with code 1"):
+        server.start()
     log = (tmp_path / "server.log").read_text()
-    assert process.returncode == 1
     assert "refusing to serve" in log and "sha256" in log
 
 
 def test_a_missing_model_version_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    process = start_server(str(tmp_path / "empty"), free_port(), tmp_path / "server.log")
-    process.wait(timeout=120)
-    assert process.returncode == 1 and "model.pt is missing" in (tmp_path / "server.log").read_text()
+    with pytest.raises(ModelLoadError, match="exited with code 1"):
+        LocalModelServer(str(tmp_path / "empty"), NAME, tmp_path / "server.log").start()
+    assert "model.pt is missing" in (tmp_path / "server.log").read_text()
 
 
 def test_loads_a_gs_version_through_kserve_storage(model_version, gcs_emulator, tmp_path):
@@ -264,12 +254,36 @@ def test_loads_a_gs_version_through_kserve_storage(model_version, gcs_emulator, 
     from tests.conftest import GCS_TEST_BUCKET
 
     stored = ModelStore(f"gs://{GCS_TEST_BUCKET}/serve-test").upload(model_version)
-    port = free_port()
-    process = start_server(stored.uri, port, tmp_path / "server.log", {"STORAGE_EMULATOR_HOST": gcs_emulator})
-    try:
-        wait_for_port(port, timeout=120, process=process)
-        status, body = http("POST", f"http://127.0.0.1:{port}/v1/models/{NAME}:predict", SEED_INPUT.read_bytes())
-        assert (status, body) == (200, {"predictions": [7]})
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with LocalModelServer(stored.uri, NAME, tmp_path / "server.log", environment={"STORAGE_EMULATOR_HOST": gcs_emulator}) as running:
+        status, body = http("POST", running.predict_url, SEED_INPUT.read_bytes())
+    assert (status, body) == (200, {"predictions": [7]})
+
+
+@pytest.mark.parametrize("ending", ["exception", "sigkill"])
+def test_the_local_server_never_outlives_the_process_that_started_it(model_version, tmp_path, ending):
+    """04_serve's guarantee: a failing cell, a dead kernel — the model server stops either way."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    last_line = "raise RuntimeError('a cell failed')" if ending == "exception" else "os.kill(os.getpid(), signal.SIGKILL)"
+    script = (
+        "import os, signal, sys\n"
+        "from mnist_kf.serve import LocalModelServer\n"
+        f"server = LocalModelServer({str(model_version)!r}, log_path={str(tmp_path / 'server.log')!r}).start()\n"
+        "print(server.process.pid, flush=True)\n"
+        f"{last_line}\n"
+    )
+    parent = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    server_pid = int(parent.stdout.split()[0])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{server_pid}"):
+        if open(f"/proc/{server_pid}/stat").read().split()[2] == "Z":
+            break  # exited, waiting to be reaped by init
+        time.sleep(0.2)
+    alive = os.path.exists(f"/proc/{server_pid}") and open(f"/proc/{server_pid}/stat").read().split()[2] != "Z"
+    if alive:
+        os.kill(server_pid, signal.SIGKILL)
+    assert not alive, f"the model server outlived its parent ({ending})"

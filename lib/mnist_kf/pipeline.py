@@ -227,7 +227,7 @@ def run_local(arguments: dict | None = None, pipeline_root: str | Path = LOCAL_P
     return LocalRun(
         outcome=json.loads(task.outputs["outcome"]),
         model_dir=Path(task.outputs["model"].path),
-        evaluation=dict(task.outputs["evaluation"].metadata),
+        evaluation=dict(sorted(task.outputs["evaluation"].metadata.items())),  # KFP does not keep the order
         confusion_matrix=[[int(count) for count in row["row"]] for row in confusion["rows"]],
         seconds=seconds,
     )

@@ -234,3 +234,21 @@ def pipeline_dag(compiled_pipeline: str | Path) -> Figure:
     axis.set_ylim(min(y for _, y in position.values()) - 0.6, max(y for _, y in position.values()) + 0.6)
     axis.set_axis_off()
     return figure
+
+
+# ---------------------------------------------------------------- serving
+
+
+def latency_histogram(latencies_ms: np.ndarray) -> Figure:
+    """Distribution of request latencies with the median and 99th percentile marked."""
+    figure = Figure(figsize=(7, 3.2), layout="constrained")
+    axis = figure.subplots()
+    axis.hist(latencies_ms, bins=40, color="#4c72b0")
+    for quantile, style in ((50, "-"), (99, "--")):
+        value = np.percentile(latencies_ms, quantile)
+        axis.axvline(value, color="black", linestyle=style, label=f"p{quantile} {value:.1f} ms")
+    axis.set_xlabel("latency (ms)")
+    axis.set_ylabel("requests")
+    axis.set_title(f"{len(latencies_ms)} sequential single-digit requests")
+    axis.legend()
+    return figure

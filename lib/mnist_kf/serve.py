@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -227,7 +228,8 @@ class MnistClassifier(Model):
             labels = probabilities.argmax(axis=1)
             outputs = [InferOutput("predictions", [len(labels)], "INT64", labels.tolist()),
                        InferOutput("probabilities", list(probabilities.shape), "FP32", probabilities.reshape(-1).tolist())]
-            return InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=outputs)
+            response_id = payload.id or str(uuid.uuid4())  # the request id is optional in the protocol
+            return InferResponse(response_id=response_id, model_name=self.name, infer_outputs=outputs)
         if isinstance(payload, (bytes, str)):  # a non-JSON Content-Type (curl -d's default): KServe passes it raw
             try:
                 payload = json.loads(payload)
@@ -249,6 +251,108 @@ class MnistClassifier(Model):
     def get_output_types(self) -> list[dict]:
         return [{"name": "predictions", "datatype": "INT64", "shape": [-1]},
                 {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
+
+
+class LocalModelServer:
+    """`python -m mnist_kf.serve` as a child process on a free loopback port.
+
+    Used by 04_serve, the tests and the benchmark. It stops when `stop()` is called, when the
+    `with` block ends, when this Python process exits, or (Linux) when it is killed.
+    """
+
+    def __init__(self, storage_uri: str, model_name: str = config.MODEL_NAME, log_path: str | os.PathLike | None = None,
+                 extra_args: tuple[str, ...] = (), environment: dict[str, str] | None = None):
+        self.storage_uri, self.model_name = str(storage_uri), model_name
+        self.log_path = Path(log_path) if log_path else config.OUTPUT_DIR / "logs" / f"{model_name}-server.log"
+        self.extra_args, self.environment = extra_args, environment
+        self.port: int | None = None
+        self.process = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def predict_url(self) -> str:
+        return f"{self.url}/v1/models/{self.model_name}:predict"
+
+    @property
+    def infer_url(self) -> str:
+        return f"{self.url}/v2/models/{self.model_name}/infer"
+
+    def start(self, timeout: float = 120) -> "LocalModelServer":
+        """Start the server and wait until the model reports ready; its log goes to `log_path`."""
+        import atexit
+        import subprocess
+        import time
+        import urllib.request
+
+        from mnist_kf.processes import die_with_parent, free_port
+
+        self.port = free_port()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "mnist_kf.serve", f"--model_name={self.model_name}",
+                   f"--storage_uri={self.storage_uri}", f"--http_port={self.port}", "--enable_grpc=false",
+                   *self.extra_args]
+        with open(self.log_path, "w") as log:  # a file, not a pipe: a full pipe would block the server
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                                            env={**os.environ, **(self.environment or {})})
+        atexit.register(self.stop)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ModelLoadError(f"the model server exited with code {self.process.returncode}: "
+                                     f"{self.log_path.read_text().strip().splitlines()[-1:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v1/models/{self.model_name}", timeout=2) as response:
+                    if json.loads(response.read()).get("ready"):
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"the model server was not ready after {timeout} s (log: {self.log_path})")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=40)  # KServe drains in-flight requests first
+            except Exception:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> "LocalModelServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def measure_latency(url: str, body: bytes, requests: int = 300) -> np.ndarray:
+    """Milliseconds of `requests` sequential POSTs of `body` to `url` (one connection)."""
+    import time
+
+    import httpx
+
+    latencies = np.empty(requests)
+    with httpx.Client(timeout=30) as client:
+        for index in range(requests):
+            started = time.perf_counter()
+            client.post(url, content=body, headers={"Content-Type": "application/json"}).raise_for_status()
+            latencies[index] = (time.perf_counter() - started) * 1000
+    return latencies
+
+
+def inference_service_url(name: str = config.MODEL_NAME, namespace: str | None = None) -> str:
+    """The URL of a Ready InferenceService on the cluster (KServeClient)."""
+    from kserve import KServeClient
+
+    from mnist_kf.tune import default_namespace
+
+    status = KServeClient().get(name, namespace=namespace or default_namespace()).get("status", {})
+    if not status.get("url"):
+        raise DeploymentError(f"InferenceService {name} has no URL yet (not Ready)")
+    return status["url"]
 
 
 def build_parser() -> argparse.ArgumentParser:

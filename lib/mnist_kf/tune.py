@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import hashlib
 import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -37,6 +35,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from mnist_kf import config
+from mnist_kf.processes import die_with_parent
 from mnist_kf.storage import atomic_write
 
 # Katib's default StdOut metrics filter (pkg/metricscollector/v1beta1/common).
@@ -451,14 +450,6 @@ def load_best_hyperparameters(path: str | Path = BEST_HYPERPARAMETERS_PATH) -> d
 # ---------------------------------------------------------------- local executor
 
 
-def _set_parent_death_signal() -> None:
-    """In the child: die with SIGKILL when the executor dies (Linux), so kill -9 leaves no orphans."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class LocalExecutor:
     """Runs an Experiment's trials as local subprocesses under Katib's rules, with state on disk."""
 
@@ -587,7 +578,7 @@ class LocalExecutor:
         trial.update(status="Running", started_at=_now(), start_time=time.time(), command=self._command(trial))
         with open(trial_dir / "stdout.log", "wb") as log_file:
             process = subprocess.Popen(trial["command"], stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=self._environment(), cwd=trial_dir, preexec_fn=_set_parent_death_signal)
+                                       env=self._environment(), cwd=trial_dir, preexec_fn=die_with_parent)
         trial["pid"] = process.pid
         return process
 
