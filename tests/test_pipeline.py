@@ -44,7 +44,7 @@ def isolated_outputs(tmp_path, monkeypatch):
     return outputs
 
 
-def run(arguments: dict, outputs, store_uri: str) -> pipeline.LocalRun:
+def run(arguments: dict, outputs, store_uri: str) -> pipeline.PipelineRun:
     return pipeline.run_local({**FAST, **arguments, "model_store_uri": store_uri}, pipeline_root=outputs / "runs")
 
 
@@ -98,3 +98,8 @@ def test_default_arguments_take_the_saved_best_hyperparameters(tmp_path):
     assert pipeline.default_arguments(best, epochs=3, lr=None) == {"lr": 0.0123, "batch_size": 7, "epochs": 3}
     assert pipeline.default_arguments(best, lr=0.02)["lr"] == 0.02
     assert pipeline.default_arguments(tmp_path / "absent.json", epochs=2) == {"epochs": 2}
+
+
+def test_a_cluster_run_needs_a_bucket_for_the_model_store(tmp_path):
+    with pytest.raises(ValueError, match="on a cluster the model store must be gs://bucket/prefix"):
+        pipeline.run_on_cluster({"model_store_uri": str(tmp_path / "store")}, host="http://127.0.0.1:9")

@@ -204,17 +204,17 @@ def default_arguments(best_hyperparameters_path: str | Path | None = None, **ove
 
 
 @dataclass
-class LocalRun:
-    """What a kfp.local run produced: the gate's outcome, the model folder and the evaluation."""
+class PipelineRun:
+    """What a run produced, local or on a cluster: the gate's outcome, the model and its evaluation."""
 
     outcome: dict
-    model_dir: Path
+    model_dir: Path | None
     evaluation: dict
-    confusion_matrix: list[list[int]]
+    confusion_matrix: list[list[int]] | None
     seconds: float
 
 
-def run_local(arguments: dict | None = None, pipeline_root: str | Path = LOCAL_PIPELINE_ROOT) -> LocalRun:
+def run_local(arguments: dict | None = None, pipeline_root: str | Path = LOCAL_PIPELINE_ROOT) -> PipelineRun:
     """Run the pipeline with kfp.local's SubprocessRunner in this environment (no cluster, no Docker)."""
     from kfp import local
 
@@ -224,7 +224,7 @@ def run_local(arguments: dict | None = None, pipeline_root: str | Path = LOCAL_P
     task = mnist_pipeline(**arguments)
     seconds = time.perf_counter() - started
     confusion = task.outputs["confusion_matrix"].metadata["confusionMatrix"]
-    return LocalRun(
+    return PipelineRun(
         outcome=json.loads(task.outputs["outcome"]),
         model_dir=Path(task.outputs["model"].path),
         evaluation=dict(sorted(task.outputs["evaluation"].metadata.items())),  # KFP does not keep the order
@@ -234,24 +234,45 @@ def run_local(arguments: dict | None = None, pipeline_root: str | Path = LOCAL_P
 
 
 def run_on_cluster(arguments: dict | None = None, host: str | None = None, experiment_name: str = PIPELINE_NAME,
-                   namespace: str | None = None, wait: bool = True, timeout_seconds: int = 3600) -> dict:
-    """Submit the compiled pipeline with kfp.Client; print and return the run's URL."""
+                   namespace: str | None = None, timeout_seconds: int = 3600) -> PipelineRun:
+    """Submit the compiled pipeline with kfp.Client, wait, and read the result back from the
+    model store: a new version means the gate passed (it is downloaded and evaluated here)."""
+    import tempfile
+
     import kfp
 
-    store = (arguments or {}).get("model_store_uri", CLUSTER_MODEL_STORE)
-    if not str(store).startswith("gs://"):
-        raise ValueError(f"on a cluster the model store must be gs://bucket/prefix (pods cannot see {store!r})")
+    from mnist_kf.data import load_mnist, normalize
+    from mnist_kf.model import load_weights
+    from mnist_kf.storage import ModelStore
+    from mnist_kf.train import confusion_matrix
+
+    arguments = dict(arguments or {})
+    store_uri = arguments.get("model_store_uri", CLUSTER_MODEL_STORE)
+    if not str(store_uri).startswith("gs://"):
+        raise ValueError(f"on a cluster the model store must be gs://bucket/prefix (pods cannot see {store_uri!r})")
+    store = ModelStore(store_uri, arguments.get("model_name", "mnist-model"))
+    before = set(store.versions())
     host = host or os.environ.get("KF_PIPELINES_ENDPOINT")
     client = kfp.Client(host=host, namespace=namespace)
-    run = client.create_run_from_pipeline_package(str(COMPILED_PIPELINE), arguments=arguments or {},
+    started = time.perf_counter()
+    run = client.create_run_from_pipeline_package(str(COMPILED_PIPELINE), arguments=arguments,
                                                   experiment_name=experiment_name, namespace=namespace)
     url = f"{(host or '').rstrip('/')}/#/runs/details/{run.run_id}"
     print(f"submitted run {run.run_id}: {url}")
-    record = {"run_id": run.run_id, "url": url}
-    if wait:
-        finished = client.wait_for_run_completion(run.run_id, timeout=timeout_seconds)
-        record["state"] = str(getattr(finished, "state", ""))
-    return record
+    finished = client.wait_for_run_completion(run.run_id, timeout=timeout_seconds)
+    seconds = time.perf_counter() - started
+    new_versions = sorted(set(store.versions()) - before)
+    if not new_versions:
+        return PipelineRun({"outcome": "rejected", "message": f"run {run.run_id} ({getattr(finished, 'state', '')}) "
+                            f"shipped no new version: see {url}"}, None, {}, None, seconds)
+    model_dir = Path(tempfile.mkdtemp(prefix="mnist-kf-run-"))
+    version = store.download(model_dir, new_versions[-1])
+    images, labels = load_mnist(train=False)
+    matrix = confusion_matrix(load_weights(model_dir / "model.pt"), normalize(images), labels).tolist()
+    evaluation = {key: version.metadata[key] for key in ("test_accuracy", "test_loss")}
+    outcome = {"outcome": "deployed", "name": arguments.get("inference_service_name", config.MODEL_NAME),
+               "version": version.version, "storage_uri": version.uri, "run_url": url}
+    return PipelineRun(outcome, model_dir, evaluation, matrix, seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

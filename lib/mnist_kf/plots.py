@@ -3,6 +3,7 @@ registered with pyplot, so a notebook shows it once and a server never leaks it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -205,7 +206,6 @@ def _dag_edges(spec: dict) -> tuple[list[str], list[tuple[str, str]], dict[str, 
 def pipeline_dag(compiled_pipeline: str | Path) -> Figure:
     """The compiled pipeline's task graph, left to right, condition branches labelled."""
     import yaml
-    from pathlib import Path
 
     spec = yaml.safe_load(Path(compiled_pipeline).read_text())
     tasks, edges, groups = _dag_edges(spec)

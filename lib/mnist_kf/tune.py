@@ -651,7 +651,6 @@ class LocalExecutor:
                 study.add_trial(optuna.trial.create_trial(params=trial["parameters"], distributions=distributions,
                                                           state=optuna.trial.TrialState.FAIL))
         running: dict[str, tuple[subprocess.Popen, Any]] = {}
-        pending_asks: dict[str, Any] = {}
         done = sum(trial["status"] in ("Succeeded", "Failed", "Killed") for trial in trials)
         bar = tqdm(total=self.spec.max_trials, initial=done, desc=self.spec.name, unit="trial",
                    disable=None if progress is None else not progress)
