@@ -149,3 +149,16 @@ def test_a_file_that_is_not_saved_splits_is_a_clear_error(tmp_path):
     torch.save({"train_images": torch.zeros(1)}, tmp_path / "other")
     with pytest.raises(data.DataIntegrityError, match="missing train_y"):
         data.load_splits(tmp_path / "other")
+
+
+def test_a_gs_source_is_fetched_and_verified(raw_md5, gcs_emulator, tmp_path):
+    """The four raw files in a bucket folder (the GCS emulator on loopback)."""
+    from mnist_kf.storage import gcs_client
+    from tests.conftest import GCS_TEST_BUCKET
+
+    bucket = gcs_client().bucket(GCS_TEST_BUCKET)
+    for name in data.RAW_FILE_MD5:
+        bucket.blob(f"datasets/mnist/{name}").upload_from_filename(str(data.raw_folder(config.DATA_DIR) / name))
+    assert data.fetch_mnist(f"gs://{GCS_TEST_BUCKET}/datasets/mnist", tmp_path) == data.RAW_FILE_MD5
+    with pytest.raises(data.DataIntegrityError, match="is missing from gs://"):
+        data.fetch_mnist(f"gs://{GCS_TEST_BUCKET}/datasets/nothing-here", tmp_path / "other")

@@ -313,3 +313,15 @@ def test_best_hyperparameters_round_trip(tmp_path):
     assert tune.load_best_hyperparameters(path) == result.best["parameters"]
     assert set(result.best["parameters"]) == {"lr", "batch_size"}
     assert tune.load_best_hyperparameters(tmp_path / "absent.json") is None
+
+
+def test_the_pipelines_tune_step_returns_the_best_trial(tmp_path, monkeypatch):
+    """select-hyperparameters with tune=True: the Katib manifest (as the pipeline passes it, JSON) runs locally."""
+    events = tmp_path / "events.jsonl"
+    monkeypatch.setattr(tune.config, "OUTPUT_DIR", tmp_path)  # the executor's state folder
+    manifest = json.dumps(stub_manifest(events, name="in-pipeline", max_trials=3, parallel=3))
+    chosen = tune.given_or_tuned_hyperparameters(True, 0.5, 99, manifest, max_trials=3)
+    trials = json.loads((tmp_path / "katib" / "in-pipeline" / "experiment.json").read_text())["trials"]
+    best = min(trials, key=lambda trial: trial["metrics"]["loss"])
+    assert chosen == {"lr": best["parameters"]["lr"], "batch_size": best["parameters"]["batch_size"]}
+    assert tune.given_or_tuned_hyperparameters(False, 0.5, 99, manifest) == {"lr": 0.5, "batch_size": 99}
