@@ -130,3 +130,17 @@ def test_missing_credentials_are_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=120)
     assert "no Google Cloud credentials found: set GOOGLE_APPLICATION_CREDENTIALS" in result.stdout, result.stderr
     assert "missing-key.json" in result.stdout
+
+
+def test_the_store_cli_uploads_lists_and_downloads(tmp_path, trained_model_dir, capsys):
+    from mnist_kf.storage import main
+
+    store = str(tmp_path / "store")
+    assert main(["--store", store, "upload", str(trained_model_dir)]) == 0
+    assert main(["--store", store, "list"]) == 0
+    assert main(["--store", store, "download", str(tmp_path / "out"), "--version", "v1"]) == 0
+    out = capsys.readouterr().out
+    assert "mnist-model/v1" in out and "v1  lr=0.05" in out
+    assert (tmp_path / "out" / "model.pt").read_bytes() == (trained_model_dir / "model.pt").read_bytes()
+    assert main(["--store", store, "download", str(tmp_path / "x"), "--version", "v9"]) == 1
+    assert "version v9 does not exist" in capsys.readouterr().err

@@ -318,3 +318,42 @@ class ModelStore:
             raise StorageError(f"version v{version} does not exist in {self._files.uri(self.model_name)} "
                                f"(versions: {', '.join(f'v{v}' for v in self.versions()) or 'none'})")
         return version
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m mnist_kf.storage {list,upload,download} [--store URI] …"""
+    import argparse
+    import sys
+
+    from mnist_kf import config
+
+    parser = argparse.ArgumentParser(prog="python -m mnist_kf.storage", description="The versioned model store.")
+    parser.add_argument("--store", default=config.MODEL_STORE_URI, help="a folder or gs://bucket/prefix (default: %(default)s)")
+    parser.add_argument("--model-name", default="mnist-model")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="versions with their hyperparameters and test accuracy")
+    upload = commands.add_parser("upload", help="store a trainer output folder (model.pt + metadata.json) as the next version")
+    upload.add_argument("model_dir")
+    download = commands.add_parser("download", help="copy a version (sha256-checked) into a folder")
+    download.add_argument("destination")
+    download.add_argument("--version", default="latest", help="latest, N or vN (default: latest)")
+    args = parser.parse_args(argv)
+    try:
+        store = ModelStore(args.store, args.model_name)
+        if args.command == "list":
+            for version in store.list():
+                meta = version.metadata
+                print(f"v{version.version}  lr={meta.get('lr')}  batch_size={meta.get('batch_size')}  "
+                      f"test_accuracy={meta.get('test_accuracy')}  {meta.get('uploaded_at')}  {version.uri}")
+        elif args.command == "upload":
+            print(store.upload(args.model_dir).uri)
+        else:
+            print(store.download(args.destination, args.version).uri)
+    except (StorageError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
