@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mnist_kf import pipeline, serve
+from mnist_kf import config, pipeline, serve
 from mnist_kf.data import prepare_splits, save_splits
 from mnist_kf.storage import ModelStore
 from mnist_kf.train import evaluate_saved_model, train_saved_splits
@@ -38,7 +38,7 @@ def steps_in_process(workdir: Path, arguments: dict) -> dict[str, float]:
     stored = ModelStore(arguments["model_store_uri"]).upload(workdir / "model")
     seconds["upload"] = time.perf_counter() - started
     started = time.perf_counter()
-    serve.render_inference_service(pipeline.INFERENCE_SERVICE_MANIFEST.read_text(), stored.uri)
+    serve.render_inference_service(config.INFERENCE_SERVICE_MANIFEST.read_text(), stored.uri)
     seconds["deploy (render)"] = time.perf_counter() - started
     return seconds
 

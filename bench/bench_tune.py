@@ -19,7 +19,7 @@ import json
 import tempfile
 import time
 
-from mnist_kf import tune
+from mnist_kf import config, tune
 
 
 def ideal_makespan(durations: list[float], slots: int) -> float:
@@ -43,7 +43,7 @@ def main() -> None:
         wall = time.perf_counter() - started
         state = json.load(open(f"{state_dir}/experiment.json"))
     trials = state["trials"]
-    slots = args.parallel_trials or tune.validate_manifest(tune.load_manifest(tune.EXPERIMENT_MANIFEST)).parallel_trials
+    slots = args.parallel_trials or tune.validate_manifest(tune.load_manifest(config.KATIB_EXPERIMENT_MANIFEST)).parallel_trials
     durations = [t["end_time"] - t["start_time"] for t in trials]
     ideal = ideal_makespan(durations, slots)
     best = next(t for t in trials if t["name"] == result.best["name"])

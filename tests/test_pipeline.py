@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from mnist_kf import pipeline
+from mnist_kf import config, pipeline
 from mnist_kf.storage import ModelStore
 from tests.conftest import GCS_TEST_BUCKET
 
@@ -31,9 +31,9 @@ def test_the_compiled_pipeline_has_the_steps_the_gate_and_the_project_image():
     assert {"upload", "deploy", "report-rejected"} <= {name.removeprefix("comp-") for name in spec["components"]}
     # the Katib and KServe manifests travel inside the pipeline as parameter defaults
     defaults = spec["root"]["inputDefinitions"]["parameters"]
-    assert json.loads(defaults["experiment_manifest"]["defaultValue"]) == yaml.safe_load(pipeline.EXPERIMENT_MANIFEST.read_text())
+    assert json.loads(defaults["experiment_manifest"]["defaultValue"]) == yaml.safe_load(config.KATIB_EXPERIMENT_MANIFEST.read_text())
     assert (json.loads(defaults["inference_service_template"]["defaultValue"])
-            == yaml.safe_load(pipeline.INFERENCE_SERVICE_MANIFEST.read_text()))
+            == yaml.safe_load(config.INFERENCE_SERVICE_MANIFEST.read_text()))
 
 
 @pytest.fixture

@@ -44,3 +44,7 @@ PIXEL_MEAN = 0.1307
 PIXEL_STD = 0.3081
 
 MODEL_NAME = "mnist-classifier"
+
+# The manifests the code renders or submits (manifests/: one YAML per resource).
+KATIB_EXPERIMENT_MANIFEST = PROJECT_ROOT / "manifests" / "katib" / "experiment.yaml"
+INFERENCE_SERVICE_MANIFEST = PROJECT_ROOT / "manifests" / "kserve" / "inference-service.yaml"

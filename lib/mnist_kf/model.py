@@ -56,20 +56,10 @@ def load_weights(path: str | Path) -> nn.Sequential:
 
 
 @torch.inference_mode()
-def predict_probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Class probabilities [N, 10] for uint8 images (0–255) or float images already on the 0–1
-    scale, shaped [N, 28, 28] or [N, 784]: standardised exactly as in training, one forward pass."""
+def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Predicted digits [N] (int64) for uint8 images [N, 28, 28] or [N, 784], standardised as in
+    training (`data.normalize`), in one forward pass."""
     from mnist_kf.data import normalize
 
-    if images.dtype == torch.uint8:
-        inputs = normalize(images)
-    else:  # 0–1 floats: the same standardisation as normalize() applies after its /255
-        from mnist_kf.config import PIXEL_MEAN, PIXEL_STD
-
-        inputs = (images.reshape(images.shape[0], -1).to(torch.float32) - PIXEL_MEAN) / PIXEL_STD
-    return torch.softmax(model(inputs), dim=1)
-
-
-def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Predicted digits [N] (int64) for a batch of images (see `predict_probabilities`)."""
-    return predict_probabilities(model, images).argmax(dim=1)
+    model.eval()
+    return model(normalize(images)).argmax(dim=1)

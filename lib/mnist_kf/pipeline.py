@@ -31,8 +31,6 @@ from mnist_kf import config
 PIPELINE_NAME = "mnist-kf"
 PROJECT_IMAGE = os.environ.get("MNIST_KF_IMAGE", "ghcr.io/mnist-kf/trainer:0.1.0")
 COMPILED_PIPELINE = config.PROJECT_ROOT / "manifests" / "pipeline" / "mnist-pipeline.yaml"
-EXPERIMENT_MANIFEST = config.PROJECT_ROOT / "manifests" / "katib" / "experiment.yaml"
-INFERENCE_SERVICE_MANIFEST = config.PROJECT_ROOT / "manifests" / "kserve" / "inference-service.yaml"
 # The compiled pipeline's default store; local runs pass the project's folder instead.
 CLUSTER_MODEL_STORE = "gs://mnist-kf-models"
 LOCAL_PIPELINE_ROOT = config.OUTPUT_DIR / "pipeline-runs"
@@ -155,8 +153,8 @@ def mnist_pipeline(
     tune: bool = False,
     tune_max_trials: int = 12,
     tune_epochs: int = 5,
-    experiment_manifest: str = manifest_as_json(EXPERIMENT_MANIFEST),
-    inference_service_template: str = manifest_as_json(INFERENCE_SERVICE_MANIFEST),
+    experiment_manifest: str = manifest_as_json(config.KATIB_EXPERIMENT_MANIFEST),
+    inference_service_template: str = manifest_as_json(config.INFERENCE_SERVICE_MANIFEST),
 ) -> NamedTuple("Outputs", model=Model, evaluation=Metrics, confusion_matrix=ClassificationMetrics, outcome=str):
     hyperparameters = select_hyperparameters(tune=tune, lr=lr, batch_size=batch_size, experiment_manifest=experiment_manifest,
                                              max_trials=tune_max_trials, epochs=tune_epochs)

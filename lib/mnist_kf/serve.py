@@ -38,7 +38,6 @@ from kserve.errors import InvalidInput
 from mnist_kf import config
 from mnist_kf.storage import atomic_write
 
-INFERENCE_SERVICE_MANIFEST = config.PROJECT_ROOT / "manifests" / "kserve" / "inference-service.yaml"
 DEPLOYMENTS_DIR = config.OUTPUT_DIR / "deployments"
 
 
@@ -116,13 +115,15 @@ def images_from_instances(instances: Any, max_instances: int = MAX_INSTANCES) ->
     if any(isinstance(instance, dict) for instance in instances):  # base64 images (not the hot path)
         rows = []
         for index, instance in enumerate(instances):
+            where = f"instance {index}"
             if isinstance(instance, dict):
                 if set(instance) != {"b64"}:
-                    raise _invalid(f'instance {index}: an object must be {{"b64": "<base64 PNG/JPEG>"}}')
-                rows.append(image_from_base64(instance["b64"], index))
+                    raise _invalid(f'{where}: an object must be {{"b64": "<base64 PNG/JPEG>"}}')
+                raw = image_from_base64(instance["b64"], index)[None]
             else:
-                rows.append(images_from_array(_numeric_array([instance], f"instance {index}"), f"instance {index}")[0] * 255)
-        return images_from_array(np.stack(rows), "instances")
+                raw = _numeric_array([instance], where)
+            rows.append(images_from_array(raw, where)[0])
+        return np.stack(rows)
     return images_from_array(_numeric_array(instances, "instances"), "instances")
 
 
@@ -478,10 +479,6 @@ def deploy(template: str | dict, storage_uri: str, name: str | None = None, name
     else:
         record = deploy_local(service, storage_uri, version)
     return {key: value for key, value in record.items() if key != "inference_service"}
-
-
-def load_template(path: str | os.PathLike = INFERENCE_SERVICE_MANIFEST) -> str:
-    return Path(path).read_text()
 
 
 if __name__ == "__main__":

@@ -49,7 +49,6 @@ JOB_FAILURE_CONDITION = 'status.conditions.#(type=="Failed")#|#(status=="True")#
 ALGORITHMS = ("random", "tpe", "multivariate-tpe", "grid", "cmaes", "sobol")
 ALGORITHM_SETTINGS = {"random_state", "n_startup_trials", "n_ei_candidates", "sigma"}
 BEST_HYPERPARAMETERS_PATH = config.OUTPUT_DIR / "best-hyperparameters.json"
-EXPERIMENT_MANIFEST = config.PROJECT_ROOT / "manifests" / "katib" / "experiment.yaml"
 
 
 class ExperimentError(ValueError):
@@ -820,7 +819,7 @@ def run_experiment(manifest: str | Path | dict | None = None,
                    rerun: bool = False, state_dir: str | Path | None = None, progress: bool | None = None,
                    log: Callable[[str], None] = print) -> ExperimentResult:
     """Validate the manifest (a path or a dict; default: the project's) with overrides, then run it."""
-    loaded = manifest if isinstance(manifest, dict) else load_manifest(manifest or EXPERIMENT_MANIFEST)
+    loaded = manifest if isinstance(manifest, dict) else load_manifest(manifest or config.KATIB_EXPERIMENT_MANIFEST)
     manifest = apply_overrides(loaded, max_trials, parallel_trials, epochs, name)
     spec = validate_manifest(manifest)
     if resolve_backend(backend) == "kubeflow":
@@ -842,7 +841,7 @@ def given_or_tuned_hyperparameters(tune: bool, lr: float, batch_size: int, manif
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mnist_kf.tune", description="Run a Katib Experiment manifest.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--manifest", default=str(EXPERIMENT_MANIFEST))
+    parser.add_argument("--manifest", default=str(config.KATIB_EXPERIMENT_MANIFEST))
     parser.add_argument("--backend", default="auto", choices=["auto", "local", "kubeflow"],
                         help="auto: kubeflow inside a cluster, else local")
     parser.add_argument("--namespace", default=None, help="cluster namespace (default: the service account's)")
