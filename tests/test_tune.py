@@ -181,6 +181,14 @@ def read_events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a killed child stays in /proc until PID 1 reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def max_overlap(events: list[dict]) -> int:
     """The most trials that were running at the same moment, from their own start/end stamps."""
     timeline = sorted((e["time"], 1 if e["kind"] == "start" else -1) for e in events)
@@ -275,7 +283,8 @@ def test_each_katib_algorithm_maps_to_an_optuna_sampler(tmp_path, algorithm):
 def test_resume_after_kill_9_finishes_with_exactly_max_trials_and_none_run_twice(tmp_path):
     events = tmp_path / "events.jsonl"
     manifest_path = tmp_path / "experiment.yaml"
-    manifest_path.write_text(yaml.safe_dump(stub_manifest(events, name="killed", max_trials=8, parallel=2, sleep=0.6)))
+    # trials of 3 s: one that leaked past its executor's death would still be running when checked
+    manifest_path.write_text(yaml.safe_dump(stub_manifest(events, name="killed", max_trials=8, parallel=2, sleep=3.0)))
     state_dir = tmp_path / "state"
     command = [sys.executable, "-m", "mnist_kf.tune", "--manifest", str(manifest_path), "--backend", "local",
                "--state-dir", str(state_dir), "--best-output", str(tmp_path / "best.json")]
@@ -292,8 +301,8 @@ def test_resume_after_kill_9_finishes_with_exactly_max_trials_and_none_run_twice
     executor.wait()
     finished_before = {t["name"] for t in json.loads((state_dir / "experiment.json").read_text())["trials"]
                        if t["status"] == "Succeeded"}
-    time.sleep(0.5)
-    orphans = [e["pid"] for e in read_events(events) if e["kind"] == "start" and Path(f"/proc/{e['pid']}").exists()]
+    time.sleep(1.0)  # well inside a trial's 3 s
+    orphans = [e["pid"] for e in read_events(events) if e["kind"] == "start" and running(e["pid"])]
     assert orphans == [], "trial processes outlived the killed executor"
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -6,19 +6,28 @@ Loopback only: every port is taken on 127.0.0.1 and every readiness probe goes t
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import socket
 import subprocess
 import time
+from typing import Callable
 
 
-def die_with_parent() -> None:
-    """In a child (as `preexec_fn`): die with SIGKILL when the parent dies (Linux), so a killed
-    executor or notebook kernel leaves no orphans behind."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def dies_with_this_process() -> Callable[[], None]:
+    """A `preexec_fn` for children that must die with SIGKILL when this process dies (Linux), so
+    a killed executor or notebook kernel leaves no orphans behind."""
+    parent = os.getpid()
+
+    def in_child() -> None:
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            return
+        if os.getppid() != parent:  # the parent died between fork and prctl: no signal will come
+            os._exit(1)
+
+    return in_child
 
 
 def free_port() -> int:

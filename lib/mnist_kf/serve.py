@@ -288,7 +288,7 @@ class LocalModelServer:
         import time
         import urllib.request
 
-        from mnist_kf.processes import die_with_parent, free_port
+        from mnist_kf.processes import dies_with_this_process, free_port
 
         self.port = free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -296,7 +296,7 @@ class LocalModelServer:
                    f"--storage_uri={self.storage_uri}", f"--http_port={self.port}", "--enable_grpc=false",
                    *self.extra_args]
         with open(self.log_path, "w") as log:  # a file, not a pipe: a full pipe would block the server
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=dies_with_this_process(),
                                             env={**os.environ, **(self.environment or {})})
         atexit.register(self.stop)
         deadline = time.monotonic() + timeout

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from mnist_kf import config
-from mnist_kf.processes import die_with_parent
+from mnist_kf.processes import dies_with_this_process
 from mnist_kf.storage import atomic_write
 
 # Katib's default StdOut metrics filter (pkg/metricscollector/v1beta1/common).
@@ -577,7 +577,7 @@ class LocalExecutor:
         trial.update(status="Running", started_at=_now(), start_time=time.time(), command=self._command(trial))
         with open(trial_dir / "stdout.log", "wb") as log_file:
             process = subprocess.Popen(trial["command"], stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=self._environment(), cwd=trial_dir, preexec_fn=die_with_parent)
+                                       env=self._environment(), cwd=trial_dir, preexec_fn=dies_with_this_process())
         trial["pid"] = process.pid
         return process
 
