@@ -25,7 +25,7 @@ from mnist_kf import config
 from mnist_kf.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED_INPUT = ROOT / "manifests" / "kserve" / "mnist-input.json"
+SEED_INPUT = config.SEED_INPUT
 NAME = "mnist-classifier"
 
 

@@ -60,7 +60,7 @@ def test_inference_services_validate_against_the_crd(validator, name):
 
 
 def test_the_canary_sends_a_share_of_traffic_to_a_newer_version():
-    main = yaml.safe_load((KSERVE / "inference-service.yaml").read_text())
+    main = yaml.safe_load(config.INFERENCE_SERVICE_MANIFEST.read_text())
     canary = yaml.safe_load((KSERVE / "inference-service-canary.yaml").read_text())
     assert canary["spec"]["predictor"]["canaryTrafficPercent"] == 10
     assert main["spec"]["predictor"]["containers"][0]["env"][0]["value"].endswith("/mnist-model/v1")
@@ -69,7 +69,7 @@ def test_the_canary_sends_a_share_of_traffic_to_a_newer_version():
 
 
 def test_a_typo_in_a_field_name_is_caught(validator):
-    manifest = yaml.safe_load((KSERVE / "inference-service.yaml").read_text())
+    manifest = yaml.safe_load(config.INFERENCE_SERVICE_MANIFEST.read_text())
     manifest["spec"]["predictor"]["containers"][0]["readynessProbe"] = {"httpGet": {"path": "/", "port": 8080}}
     manifest["spec"]["predictor"]["canaryTrafficPercentage"] = 10
     found = " ".join(errors(validator, manifest))
@@ -77,7 +77,7 @@ def test_a_typo_in_a_field_name_is_caught(validator):
 
 
 def test_the_rendered_service_for_a_new_version_still_validates(validator):
-    template = (KSERVE / "inference-service.yaml").read_text()
+    template = config.INFERENCE_SERVICE_MANIFEST.read_text()
     rendered = render_inference_service(template, "gs://bucket/models/mnist-model/v7", namespace="team-a")
     assert errors(validator, rendered) == []
     environment = rendered["spec"]["predictor"]["containers"][0]["env"]
@@ -86,7 +86,7 @@ def test_the_rendered_service_for_a_new_version_still_validates(validator):
 
 
 def test_the_predictor_runs_as_non_root_and_reads_the_model_the_initializer_downloads():
-    container = yaml.safe_load((KSERVE / "inference-service.yaml").read_text())["spec"]["predictor"]["containers"][0]
+    container = yaml.safe_load(config.INFERENCE_SERVICE_MANIFEST.read_text())["spec"]["predictor"]["containers"][0]
     assert container["securityContext"]["runAsNonRoot"] is True
     assert "--storage_uri=/mnt/models" in container["args"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/v1/models/mnist-classifier"
@@ -95,7 +95,7 @@ def test_the_predictor_runs_as_non_root_and_reads_the_model_the_initializer_down
 def test_the_seed_input_is_one_real_test_digit_7():
     from mnist_kf import data
 
-    instances = json.loads((KSERVE / "mnist-input.json").read_text())["instances"]
+    instances = json.loads(config.SEED_INPUT.read_text())["instances"]
     images, labels = data.load_mnist(train=False)
     assert len(instances) == 1 and instances[0] == images[0].reshape(-1).tolist() and int(labels[0]) == 7
 
@@ -118,6 +118,6 @@ def test_images_run_as_non_root_with_pinned_torch(dockerfile):
 
 
 def test_both_images_are_referenced_by_the_manifests():
-    experiment = (config.PROJECT_ROOT / "manifests" / "katib" / "experiment.yaml").read_text()
-    service = (KSERVE / "inference-service.yaml").read_text()
+    experiment = config.KATIB_EXPERIMENT_MANIFEST.read_text()
+    service = config.INFERENCE_SERVICE_MANIFEST.read_text()
     assert "ghcr.io/mnist-kf/trainer:0.1.0" in experiment and "ghcr.io/mnist-kf/predictor:0.1.0" in service

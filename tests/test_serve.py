@@ -20,7 +20,7 @@ from mnist_kf.model import load_weights, predict
 from mnist_kf.serve import MAX_INSTANCES, LocalModelServer, ModelLoadError
 
 NAME = "mnist-classifier"
-SEED_INPUT = config.PROJECT_ROOT / "manifests" / "kserve" / "mnist-input.json"
+SEED_INPUT = config.SEED_INPUT
 
 
 def http(method: str, url: str, body: bytes | dict | None = None,

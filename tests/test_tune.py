@@ -16,7 +16,7 @@ import yaml
 
 from mnist_kf import config, tune
 
-MANIFEST = config.PROJECT_ROOT / "manifests" / "katib" / "experiment.yaml"
+MANIFEST = config.KATIB_EXPERIMENT_MANIFEST
 FAKE_TRIAL = Path(__file__).with_name("fake_trial.py")
 
 

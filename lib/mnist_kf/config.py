@@ -48,3 +48,5 @@ MODEL_NAME = "mnist-classifier"
 # The manifests the code renders or submits (manifests/: one YAML per resource).
 KATIB_EXPERIMENT_MANIFEST = PROJECT_ROOT / "manifests" / "katib" / "experiment.yaml"
 INFERENCE_SERVICE_MANIFEST = PROJECT_ROOT / "manifests" / "kserve" / "inference-service.yaml"
+# The seed's request body: one test digit 7 (`curl … -d @mnist-input.json` → {"predictions": [7]}).
+SEED_INPUT = PROJECT_ROOT / "manifests" / "kserve" / "mnist-input.json"
