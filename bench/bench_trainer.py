@@ -25,16 +25,6 @@ from mnist_kf.train import ClosedFormSGD, train_epoch
 LR, MOMENTUM = 0.05, 0.5
 
 
-def subset_indices(seed: int = config.SEED) -> torch.Tensor:
-    """The training indices `prepare_splits` uses (subset minus validation), as a sorted tensor."""
-    _, labels = data.load_mnist(train=True)
-    subset = data.stratified_subset(labels, config.FRACTION, seed)
-    held_out = subset[data.stratified_subset(labels[subset], config.VALIDATION_FRACTION, seed + 1)]
-    mask = torch.ones(len(labels), dtype=torch.bool)
-    mask[held_out] = False
-    return subset[mask[subset]]
-
-
 def dataloader_epoch(indices: torch.Tensor, batch_size: int) -> float:
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((config.PIXEL_MEAN,), (config.PIXEL_STD,))])
     dataset = Subset(datasets.MNIST(str(config.DATA_DIR), train=True, download=False, transform=transform), indices.tolist())
@@ -82,7 +72,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     splits = data.prepare_splits()
-    indices = subset_indices()
+    _, labels = data.load_mnist(train=True)
+    indices, _ = data.split_indices(labels, config.FRACTION, config.SEED)  # the images prepare_splits trains on
     assert len(indices) == len(splits.train_y)
     print(f"one epoch over {len(indices):,} images, {args.threads} thread(s), torch {torch.__version__}")
     header = f"{'batch':>5} | {'DataLoader (s)':>14} | {'in-memory autograd (s)':>22} | {'project (s)':>11} | {'speed-up vs DataLoader':>22}"

@@ -285,6 +285,17 @@ def load_splits(path: str | Path) -> MnistSplits:
     return MnistSplits(**{name: payload[name] for name in (*SPLIT_TENSORS, "raw_md5", "source")})
 
 
+def split_indices(labels: torch.Tensor, fraction: float, seed: int,
+                  validation_fraction: float = config.VALIDATION_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices into `labels`: the stratified subset, and a stratified
+    slice of it held out for validation (drawn with seed + 1, independent of the subset)."""
+    subset = stratified_subset(labels, fraction, seed)
+    held_out = subset[stratified_subset(labels[subset], validation_fraction, seed + 1)]
+    is_validation = torch.zeros(len(labels), dtype=torch.bool)
+    is_validation[held_out] = True
+    return subset[~is_validation[subset]], held_out
+
+
 def prepare_splits(
     fraction: float = config.FRACTION,
     seed: int = config.SEED,
@@ -298,14 +309,7 @@ def prepare_splits(
     raw_md5 = fetch_mnist(source, root)
     images, labels = _read_verified(root, train=True)
     test_images, test_labels = _read_verified(root, train=False)
-
-    subset = stratified_subset(labels, fraction, seed)
-    # a stratified slice of the subset is the validation split (seed + 1: independent draw)
-    held_out = subset[stratified_subset(labels[subset], validation_fraction, seed + 1)]
-    is_validation = torch.zeros(len(labels), dtype=torch.bool)
-    is_validation[held_out] = True
-    train_index = subset[~is_validation[subset]]
-
+    train_index, held_out = split_indices(labels, fraction, seed, validation_fraction)
     return MnistSplits(
         train_images=images[train_index],
         train_y=labels[train_index],
