@@ -18,31 +18,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from mnist_kf import config
 from mnist_kf.processes import free_port
+from mnist_kf.serve import wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_INPUT = config.SEED_INPUT
 NAME = "mnist-classifier"
-
-
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/v1/models/{NAME}", timeout=2) as response:
-                if json.loads(response.read()).get("ready"):
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
 def rss_mib(pid: int) -> float:
@@ -57,6 +41,8 @@ def hey(url: str, body: Path, concurrency: int, seconds: float | None = None, re
     limit = ["-z", f"{seconds}s"] if seconds else ["-n", str(requests)]
     command = ["hey", *limit, "-c", str(concurrency), "-m", "POST", "-T", "application/json", "-D", str(body), url]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    if "99% in" not in output:  # no response at all: show hey's status and error distribution
+        raise RuntimeError(f"hey got no responses from {url}:\n{output.split('Status code distribution:')[-1].strip()}")
     quantile = lambda q: float(re.search(rf"{q}% in ([\d.]+) secs", output).group(1)) * 1000  # noqa: E731
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)), "p50": quantile(50),
             "p99": quantile(99), "codes": dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", output))}
@@ -68,7 +54,7 @@ def measure(name: str, command: list[str], seconds: float, batch_body: Path) -> 
     with open(Path(tempfile.gettempdir()) / f"bench-{name}.log", "w") as log:
         process = subprocess.Popen(command + [f"--http_port={port}", "--enable_grpc=false"], stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_ready(url, process)
+        wait_until_ready(url, NAME, process)
         predict = f"{url}/v1/models/{NAME}:predict"
         hey(predict, SEED_INPUT, 4, requests=400)  # warm up
         results = {f"c{c}": hey(predict, SEED_INPUT, c, seconds=seconds) for c in (1, 8, 32)}

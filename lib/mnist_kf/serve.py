@@ -57,30 +57,24 @@ class ModelLoadError(RuntimeError):
 # ---------------------------------------------------------------- the predictor
 
 
-def _invalid(message: str) -> InvalidInput:
-    return InvalidInput(message)
-
-
 def images_from_array(array: np.ndarray, where: str) -> np.ndarray:
     """Validate a numeric array of images, [N, 784] or [N, 28, 28] (or [N, 1, 28, 28]), and
     return float32 [N, 784] on the 0–1 scale. Raises InvalidInput saying what is wrong."""
     if array.dtype.kind not in "iuf":
-        raise _invalid(f"{where} must contain only numbers (pixel values), got {array.dtype.name} values")
+        raise InvalidInput(f"{where} must contain only numbers (pixel values), got {array.dtype.name} values")
     count = array.shape[0] if array.ndim else 0
-    if array.ndim == 4 and array.shape[1:] == (1, IMAGE_SIDE, IMAGE_SIDE):
-        array = array.reshape(count, -1)
-    elif array.ndim == 3 and array.shape[1:] == (IMAGE_SIDE, IMAGE_SIDE):
+    if array.shape[1:] in ((1, IMAGE_SIDE, IMAGE_SIDE), (IMAGE_SIDE, IMAGE_SIDE)):  # [N, 1, 28, 28] or [N, 28, 28]
         array = array.reshape(count, -1)
     elif not (array.ndim == 2 and array.shape[1] == IMAGE_SIDE * IMAGE_SIDE):
-        raise _invalid(f"{where} has shape {list(array.shape)}; expected [N, 784], [N, 28, 28] or [N, 1, 28, 28] "
+        raise InvalidInput(f"{where} has shape {list(array.shape)}; expected [N, 784], [N, 28, 28] or [N, 1, 28, 28] "
                        "(each image 784 pixel values, or 28 rows of 28)")
     pixels = array.astype(np.float32, copy=False)
     if not np.isfinite(pixels).all():
-        raise _invalid(f"{where} contains NaN or infinite values; pixels must be finite numbers in 0–255 (or 0–1)")
+        raise InvalidInput(f"{where} contains NaN or infinite values; pixels must be finite numbers in 0–255 (or 0–1)")
     low, high = pixels.min(axis=1), pixels.max(axis=1)
     if (low < 0).any() or (high > 255).any():
         bad = int(np.argmax((low < 0) | (high > 255)))
-        raise _invalid(f"{where}: image {bad} has pixel values in [{low[bad]:g}, {high[bad]:g}]; "
+        raise InvalidInput(f"{where}: image {bad} has pixel values in [{low[bad]:g}, {high[bad]:g}]; "
                        "expected 0–255 (raw MNIST) or 0–1")
     scale = np.where(high <= 1.0, 1.0, 1.0 / 255.0).astype(np.float32)  # 0–1 images stay, 0–255 images shrink
     return pixels * scale[:, None]
@@ -91,34 +85,34 @@ def image_from_base64(encoded: Any, index: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(encoded, str):
-        raise _invalid(f"instance {index}: b64 must be a base64 string of a PNG or JPEG image")
+        raise InvalidInput(f"instance {index}: b64 must be a base64 string of a PNG or JPEG image")
     try:
         image = Image.open(io.BytesIO(base64.b64decode(encoded, validate=True)))
         image.load()
     except (binascii.Error, ValueError):
-        raise _invalid(f"instance {index}: b64 is not valid base64") from None
+        raise InvalidInput(f"instance {index}: b64 is not valid base64") from None
     except (UnidentifiedImageError, OSError):
-        raise _invalid(f"instance {index}: b64 does not decode to a PNG or JPEG image") from None
+        raise InvalidInput(f"instance {index}: b64 does not decode to a PNG or JPEG image") from None
     if image.size != (IMAGE_SIDE, IMAGE_SIDE):
-        raise _invalid(f"instance {index}: the image is {image.size[0]}×{image.size[1]}; expected 28×28 pixels")
+        raise InvalidInput(f"instance {index}: the image is {image.size[0]}×{image.size[1]}; expected 28×28 pixels")
     return np.asarray(image.convert("L"), dtype=np.float32).reshape(-1)
 
 
 def images_from_instances(instances: Any, max_instances: int = MAX_INSTANCES) -> np.ndarray:
     """v1 `instances` → float32 [N, 784] on the 0–1 scale, or InvalidInput."""
     if not isinstance(instances, list):
-        raise _invalid('expected {"instances": [...]} with a list of images')
+        raise InvalidInput('expected {"instances": [...]} with a list of images')
     if not instances:
-        raise _invalid("instances is empty; send at least one image")
+        raise InvalidInput("instances is empty; send at least one image")
     if len(instances) > max_instances:
-        raise _invalid(f"{len(instances)} instances in one request; the limit is {max_instances} (split the batch)")
+        raise InvalidInput(f"{len(instances)} instances in one request; the limit is {max_instances} (split the batch)")
     if any(isinstance(instance, dict) for instance in instances):  # base64 images (not the hot path)
         rows = []
         for index, instance in enumerate(instances):
             where = f"instance {index}"
             if isinstance(instance, dict):
                 if set(instance) != {"b64"}:
-                    raise _invalid(f'{where}: an object must be {{"b64": "<base64 PNG/JPEG>"}}')
+                    raise InvalidInput(f'{where}: an object must be {{"b64": "<base64 PNG/JPEG>"}}')
                 raw = image_from_base64(instance["b64"], index)[None]
             else:
                 raw = _numeric_array([instance], where)
@@ -131,11 +125,11 @@ def _numeric_array(values: list, where: str) -> np.ndarray:
     try:
         array = np.asarray(values)
     except ValueError:  # ragged nesting
-        raise _invalid(f"{where} are not all the same shape; each image must be 784 numbers or 28 rows of 28") from None
+        raise InvalidInput(f"{where} are not all the same shape; each image must be 784 numbers or 28 rows of 28") from None
     if array.dtype == object:
-        raise _invalid(f"{where} are not all the same shape; each image must be 784 numbers or 28 rows of 28")
+        raise InvalidInput(f"{where} are not all the same shape; each image must be 784 numbers or 28 rows of 28")
     if array.dtype.kind == "b":
-        raise _invalid(f"{where} must contain only numbers (pixel values), got booleans")
+        raise InvalidInput(f"{where} must contain only numbers (pixel values), got booleans")
     return array
 
 
@@ -145,31 +139,31 @@ V2_DATATYPES = {"FP32": np.float32, "UINT8": np.uint8}
 def images_from_infer_request(request: InferRequest, max_instances: int = MAX_INSTANCES) -> np.ndarray:
     """v2 request → float32 [N, 784] on the 0–1 scale, or InvalidInput."""
     if len(request.inputs) != 1:
-        raise _invalid(f"expected exactly one input tensor ({INPUT_NAME!r}), got {len(request.inputs)}")
+        raise InvalidInput(f"expected exactly one input tensor ({INPUT_NAME!r}), got {len(request.inputs)}")
     tensor = request.inputs[0]
     if tensor.datatype not in V2_DATATYPES:
-        raise _invalid(f"input {tensor.name!r} has datatype {tensor.datatype}; expected FP32 or UINT8")
+        raise InvalidInput(f"input {tensor.name!r} has datatype {tensor.datatype}; expected FP32 or UINT8")
     shape = [int(size) for size in tensor.shape]
     if len(shape) not in (2, 3, 4) or shape[0] < 1:
-        raise _invalid(f"input {tensor.name!r} has shape {shape}; expected [N, 784], [N, 28, 28] or [N, 1, 28, 28]")
+        raise InvalidInput(f"input {tensor.name!r} has shape {shape}; expected [N, 784], [N, 28, 28] or [N, 1, 28, 28]")
     if shape[0] > max_instances:
-        raise _invalid(f"{shape[0]} images in one request; the limit is {max_instances} (split the batch)")
+        raise InvalidInput(f"{shape[0]} images in one request; the limit is {max_instances} (split the batch)")
     expected = int(np.prod(shape))
     data = tensor.data if tensor._raw_data is None else None
     if data is not None:
         flat = np.asarray(data)
         if flat.dtype.kind not in "iuf" or flat.dtype.kind == "b":
-            raise _invalid(f"input {tensor.name!r} data must be numbers, got {flat.dtype.name} values")
+            raise InvalidInput(f"input {tensor.name!r} data must be numbers, got {flat.dtype.name} values")
         if flat.size != expected:
-            raise _invalid(f"input {tensor.name!r} has {flat.size} values but shape {shape} needs {expected}")
+            raise InvalidInput(f"input {tensor.name!r} has {flat.size} values but shape {shape} needs {expected}")
         if tensor.datatype == "UINT8" and (flat.dtype.kind == "f" or (flat.size and (flat.min() < 0 or flat.max() > 255))):
-            raise _invalid(f"input {tensor.name!r} is UINT8 but holds values outside the integers 0–255")
+            raise InvalidInput(f"input {tensor.name!r} is UINT8 but holds values outside the integers 0–255")
         array = flat.reshape(shape)
     else:
         try:
             array = tensor.as_numpy()
         except ValueError as error:
-            raise _invalid(f"input {tensor.name!r}: binary data does not match shape {shape} ({error})") from None
+            raise InvalidInput(f"input {tensor.name!r}: binary data does not match shape {shape} ({error})") from None
     return images_from_array(np.asarray(array, dtype=V2_DATATYPES[tensor.datatype]), f"input {tensor.name!r}")
 
 
@@ -213,10 +207,8 @@ class MnistClassifier(Model):
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities [N, 10] for 0–1 pixels [N, 784]: standardise as in training, one batched pass."""
-        from mnist_kf.config import PIXEL_MEAN, PIXEL_STD
-
         weight1, bias1, weight2, bias2 = self.layers
-        inputs = (pixels - np.float32(PIXEL_MEAN)) / np.float32(PIXEL_STD)
+        inputs = (pixels - np.float32(config.PIXEL_MEAN)) / np.float32(config.PIXEL_STD)
         hidden = np.maximum(inputs @ weight1 + bias1, 0.0)
         logits = hidden @ weight2 + bias2
         logits -= logits.max(axis=1, keepdims=True)
@@ -235,9 +227,9 @@ class MnistClassifier(Model):
             try:
                 payload = json.loads(payload)
             except ValueError as error:
-                raise _invalid(f'the request body is not valid JSON ({error}); expected {{"instances": [...]}}') from None
+                raise InvalidInput(f'the request body is not valid JSON ({error}); expected {{"instances": [...]}}') from None
         if not isinstance(payload, dict) or "instances" not in payload:
-            raise _invalid('expected a JSON object {"instances": [...]} (v1 protocol)')
+            raise InvalidInput('expected a JSON object {"instances": [...]} (v1 protocol)')
         probabilities = self._forward(images_from_instances(payload["instances"], self.max_instances))
         response = {"predictions": probabilities.argmax(axis=1).tolist()}
         parameters = payload.get("parameters") or {}
@@ -285,8 +277,6 @@ class LocalModelServer:
         """Start the server and wait until the model reports ready; its log goes to `log_path`."""
         import atexit
         import subprocess
-        import time
-        import urllib.request
 
         from mnist_kf.processes import dies_with_this_process, free_port
 
@@ -299,19 +289,14 @@ class LocalModelServer:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=dies_with_this_process(),
                                             env={**os.environ, **(self.environment or {})})
         atexit.register(self.stop)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ModelLoadError(f"the model server exited with code {self.process.returncode}: "
-                                     f"{self.log_path.read_text().strip().splitlines()[-1:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/v1/models/{self.model_name}", timeout=2) as response:
-                    if json.loads(response.read()).get("ready"):
-                        return self
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"the model server was not ready after {timeout} s (log: {self.log_path})")
+        try:
+            wait_until_ready(self.url, self.model_name, self.process, timeout)
+        except ModelLoadError as error:
+            raise ModelLoadError(f"{error}: {self.log_path.read_text().strip().splitlines()[-1:]}") from None
+        except TimeoutError as error:
+            self.stop()
+            raise TimeoutError(f"{error} (log: {self.log_path})") from None
+        return self
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -327,6 +312,25 @@ class LocalModelServer:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def wait_until_ready(url: str, model_name: str, process, timeout: float = 120) -> None:
+    """Poll a KServe server's `GET /v1/models/<name>` until the model reports ready; raise
+    ModelLoadError if `process` (the server) exits first, TimeoutError after `timeout` s."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ModelLoadError(f"the model server exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models/{model_name}", timeout=2) as response:
+                if json.loads(response.read()).get("ready"):
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"the model server at {url} was not ready after {timeout} s")
 
 
 def measure_latency(url: str, body: bytes, requests: int = 300) -> np.ndarray:
