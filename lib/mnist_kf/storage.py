@@ -281,16 +281,15 @@ class ModelStore:
         return ModelVersion(version, self.version_uri(version), record)
 
     def metadata(self, version: int | str = "latest") -> dict:
-        number = self._resolve(version)
-        return json.loads(self._files.read(f"{self.model_name}/v{number}/{METADATA_FILE}"))
+        return self._read_metadata(self._resolve(version))
 
     def list(self) -> list[ModelVersion]:
-        return [ModelVersion(v, self.version_uri(v), self.metadata(v)) for v in self.versions()]
+        return [ModelVersion(v, self.version_uri(v), self._read_metadata(v)) for v in self.versions()]
 
     def download(self, destination: str | os.PathLike, version: int | str = "latest") -> ModelVersion:
         """Copy vN's files into `destination` after checking the model's sha256; return the version."""
         number = self._resolve(version)
-        metadata = self.metadata(number)
+        metadata = self._read_metadata(number)
         model_bytes = self._files.read(f"{self.model_name}/v{number}/{MODEL_FILE}")
         digest = hashlib.sha256(model_bytes).hexdigest()
         if digest != metadata.get("model_sha256"):
@@ -303,6 +302,10 @@ class ModelStore:
             json.dump(metadata, handle, indent=2)
         return ModelVersion(number, self.version_uri(number), metadata)
 
+    def _read_metadata(self, number: int) -> dict:
+        """metadata.json of a version number `_resolve` or `versions` produced (no listing)."""
+        return json.loads(self._files.read(f"{self.model_name}/v{number}/{METADATA_FILE}"))
+
     def _resolve(self, version: int | str) -> int:
         if version == "latest":
             latest = self.latest()
@@ -314,9 +317,10 @@ class ModelStore:
             if not match and not version.isdigit():
                 raise StorageError(f"version must be 'latest', N or 'vN', got {version!r}")
             version = int(match.group(1) if match else version)
-        if version not in self.versions():
+        versions = self.versions()
+        if version not in versions:
             raise StorageError(f"version v{version} does not exist in {self._files.uri(self.model_name)} "
-                               f"(versions: {', '.join(f'v{v}' for v in self.versions()) or 'none'})")
+                               f"(versions: {', '.join(f'v{v}' for v in versions) or 'none'})")
         return version
 
 
