@@ -422,8 +422,22 @@ def _metric_value(observation: dict, name: str, strategy: str) -> float | None:
     return None if entry is None else entry[strategy]
 
 
-def _is_better(value: float, best: float | None, objective_type: str) -> bool:
-    return best is None or (value < best if objective_type == "minimize" else value > best)
+def best_trial(trials: list[dict], objective_metric: str, objective_type: str) -> dict | None:
+    """The succeeded trial with the best objective value (the first of equals), None if none succeeded."""
+    best, best_value = None, None
+    for trial in trials:
+        value = trial.get("metrics", {}).get(objective_metric) if trial["status"] == "Succeeded" else None
+        if value is None:
+            continue
+        if best_value is None or (value < best_value if objective_type == "minimize" else value > best_value):
+            best, best_value = trial, value
+    return best
+
+
+def best_summary(trials: list[dict], spec: ExperimentSpec) -> dict | None:
+    """`ExperimentResult.best`: the best trial's name, parameters and metrics."""
+    best = best_trial(trials, spec.objective_metric, spec.objective_type)
+    return None if best is None else {key: best[key] for key in ("name", "parameters", "metrics")}
 
 
 def save_best_hyperparameters(result: ExperimentResult, path: str | Path = BEST_HYPERPARAMETERS_PATH) -> Path:
@@ -598,12 +612,7 @@ class LocalExecutor:
             trial.update(status="Succeeded", reason="Completed")
 
     def _best(self) -> dict | None:
-        best, best_value = None, None
-        for trial in self.state["trials"]:
-            value = trial.get("metrics", {}).get(self.spec.objective_metric) if trial["status"] == "Succeeded" else None
-            if value is not None and _is_better(value, best_value, self.spec.objective_type):
-                best, best_value = trial, value
-        return best
+        return best_trial(self.state["trials"], self.spec.objective_metric, self.spec.objective_type)
 
     def _verdict(self) -> tuple[str, str] | None:
         """Katib's order: goal reached → Succeeded; failed > maxFailed → Failed; completed ≥ max → Succeeded."""
@@ -708,12 +717,10 @@ class LocalExecutor:
         return self.result()
 
     def result(self) -> ExperimentResult:
-        best = self._best()
         return ExperimentResult(
             name=self.spec.name, status=self.state["status"], reason=self.state["reason"],
             trials=trials_table(self.state["trials"], self.spec.metric_names),
-            best=None if best is None else {"name": best["name"], "parameters": best["parameters"], "metrics": best["metrics"]},
-            backend="local", state_dir=self.state_dir,
+            best=best_summary(self.state["trials"], self.spec), backend="local", state_dir=self.state_dir,
         )
 
 
@@ -774,17 +781,12 @@ def run_on_cluster(spec: ExperimentSpec, namespace: str | None = None, timeout_s
         trial_status = next((c.type for c in reversed(trial.status.conditions or []) if c.status == "True"), "Unknown") if trial.status else "Unknown"
         trials.append({
             "name": trial.metadata.name, "status": trial_status,
-            "parameters": {a.name: _parse_assignment(a.value, spec) for a in trial.spec.parameter_assignments},
+            "parameters": {a.name: _parse_assignment(a.value) for a in trial.spec.parameter_assignments},
             "metrics": {name: _metric_value(observation, name, strategy) for name, strategy in spec.metric_strategies.items()},
             "history": [],  # per-epoch values live in Katib's DB; the trial CR keeps min/max/latest
         })
-    best = None
-    for trial in trials:
-        value = trial["metrics"].get(spec.objective_metric) if trial["status"] == "Succeeded" else None
-        if value is not None and _is_better(value, best and best["metrics"][spec.objective_metric], spec.objective_type):
-            best = {"name": trial["name"], "parameters": trial["parameters"], "metrics": trial["metrics"]}
     return ExperimentResult(name=spec.name, status=status, reason=conditions[-1].get("reason", ""),
-                            trials=trials_table(trials, spec.metric_names), best=best, backend="kubeflow")
+                            trials=trials_table(trials, spec.metric_names), best=best_summary(trials, spec), backend="kubeflow")
 
 
 def _float(text: Any) -> float | None:
@@ -794,7 +796,7 @@ def _float(text: Any) -> float | None:
         return None
 
 
-def _parse_assignment(value: str, spec: ExperimentSpec) -> Any:
+def _parse_assignment(value: str) -> Any:
     try:
         number = float(value)
     except ValueError:
